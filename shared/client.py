@@ -1,0 +1,244 @@
+"""The producer SDK: publish MCP tool calls to the bus and await their results.
+
+    async with ToolbusClient("nats://127.0.0.1:4222", api_key) as client:
+        result = await client.call("time__get_current_time", {"timezone": "UTC"})
+        print(result.text)
+
+It follows DESIGN.md §5 and nothing else: a JetStream publish to `toolbus.call` with the
+documented headers, the result read from a reply subject or, after a reconnect or a lost
+reply, from the RESULTS stream by call id. A raw nats-py producer can do exactly the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.errors import NoStreamResponseError, NotFoundError
+from pydantic import SecretStr
+
+from shared.codec import dump_json
+from shared.contracts import CallStatus, ToolCallResponse
+from shared.errors import CallFailed
+from shared.ids import new_call_id
+from shared.subjects import CONTENT_JSON, DEFAULT_PREFIX, Header, Stream, Subjects
+from shared.telemetry import trace_headers, tracer
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class ToolbusUnavailable(ConnectionError):
+    """No toolbus mesh answers on this NATS server (the CALLS stream does not exist)."""
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """The final answer to one call: an MCP CallToolResult (`result`) or a JSON-RPC `error`."""
+
+    call_id: str
+    status: CallStatus
+    response: ToolCallResponse
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def result(self) -> dict[str, Any]:
+        """The MCP CallToolResult (empty when the call ended with an error)."""
+        return self.response.result or {}
+
+    @property
+    def is_error(self) -> bool:
+        """True for a JSON-RPC error or a tool result with `isError: true`."""
+        return self.response.error is not None or bool(self.result.get("isError"))
+
+    @property
+    def content(self) -> list[dict[str, Any]]:
+        return list(self.result.get("content", []))
+
+    @property
+    def structured_content(self) -> Any:
+        return self.result.get("structuredContent")
+
+    @property
+    def text(self) -> str:
+        """The text content blocks joined by newlines (the error message for errors)."""
+        if self.response.error is not None:
+            return self.response.error.message
+        return "\n".join(str(block.get("text", "")) for block in self.content if block.get("type") == "text")
+
+    def raise_for_error(self) -> CallResult:
+        """Raise `CallFailed` if the call ended with a JSON-RPC error; return self otherwise."""
+        error = self.response.error
+        if error is not None:
+            raise CallFailed(error.code, error.message, error.data.model_dump())
+        return self
+
+
+def parse_result(call_id: str, data: bytes, headers: dict[str, str] | None) -> CallResult:
+    """A result message from the bus as a `CallResult`."""
+    headers = dict(headers or {})
+    response = ToolCallResponse.model_validate_json(data)
+    status = CallStatus(headers.get(Header.STATUS, CallStatus.FAILED if response.error else CallStatus.OK))
+    return CallResult(call_id=call_id, status=status, response=response, headers=headers)
+
+
+class ToolbusClient:
+    """An async producer of tool calls on one NATS connection; safe for concurrent calls."""
+
+    def __init__(
+        self,
+        nats_url: str,
+        api_key: str | SecretStr,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        name: str = "toolbus-client",
+    ) -> None:
+        self._url = nats_url
+        self._api_key = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
+        self._subjects = Subjects(prefix)
+        self._timeout_s = timeout_s
+        self._name = name
+        self._nc: NatsClient | None = None
+        self._inbox = ""
+        self._waiting: dict[str, asyncio.Future[CallResult]] = {}
+
+    async def __aenter__(self) -> ToolbusClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect to NATS and subscribe this client's reply inbox."""
+        self._nc = await nats.connect(self._url, name=self._name, max_reconnect_attempts=-1)
+        self._inbox = self._nc.new_inbox()
+        await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_reply)
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            await self._nc.drain()
+            self._nc = None
+
+    async def call(
+        self,
+        tool: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        priority: int | None = None,
+        deadline: datetime | int | None = None,
+        session: str | None = None,
+        call_id: str | None = None,
+        timeout_s: float | None = None,
+        raise_on_error: bool = True,
+    ) -> CallResult:
+        """Call a tool and wait for its final result.
+
+        `deadline` is a datetime or epoch milliseconds; past it the call is never executed.
+        A JSON-RPC error raises `CallFailed` unless `raise_on_error` is False; a tool's own
+        failure is a result with `is_error` set, as in MCP.
+        """
+        call_id = call_id or new_call_id()
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[call_id] = future
+        try:
+            with tracer.start_as_current_span("toolbus.call", attributes={"toolbus.call_id": call_id}):
+                await self.submit(tool, arguments, priority=priority, deadline=deadline, session=session,
+                                  call_id=call_id, reply=True)
+            result = await self._await_result(call_id, future, timeout_s or self._timeout_s)
+        finally:
+            self._waiting.pop(call_id, None)
+        return result.raise_for_error() if raise_on_error else result
+
+    async def submit(
+        self,
+        tool: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        priority: int | None = None,
+        deadline: datetime | int | None = None,
+        session: str | None = None,
+        call_id: str | None = None,
+        reply: bool = False,
+    ) -> str:
+        """Publish a call without waiting for its result; returns the call id once durably accepted."""
+        call_id = call_id or new_call_id()
+        body = {"jsonrpc": "2.0", "id": call_id, "method": "tools/call",
+                "params": {"name": tool, "arguments": arguments or {}}}
+        headers = self._headers(call_id, priority, deadline, session, reply)
+        try:
+            await self._connected().jetstream().publish(self._subjects.call, dump_json(body), headers=headers)
+        except NoStreamResponseError:
+            raise ToolbusUnavailable(f"no CALLS stream answers for {self._subjects.call!r}: is toolbus up?") from None
+        return call_id
+
+    def _headers(
+        self, call_id: str, priority: int | None, deadline: datetime | int | None, session: str | None, reply: bool
+    ) -> dict[str, str]:
+        headers = {
+            Header.MSG_ID: call_id,
+            Header.AUTHORIZATION: f"Bearer {self._api_key.get_secret_value()}",
+            Header.CONTENT_TYPE: CONTENT_JSON,
+            **trace_headers(),
+        }
+        if reply:
+            headers[Header.REPLY_TO] = f"{self._inbox}.{call_id}"
+        if priority is not None:
+            headers[Header.PRIORITY] = str(priority)
+        if deadline is not None:
+            epoch_ms = int(deadline.timestamp() * 1000) if isinstance(deadline, datetime) else int(deadline)
+            headers[Header.DEADLINE] = str(epoch_ms)
+        if session:
+            headers[Header.SESSION] = session
+        return headers
+
+    async def fetch_result(self, call_id: str) -> CallResult | None:
+        """The stored result of a call (e.g. after a reconnect), or None if it has none yet."""
+        try:
+            stored = await self._connected().jetstream().get_last_msg(
+                Stream.RESULTS.value, self._subjects.result(call_id), direct=True
+            )
+        except NotFoundError:
+            return None
+        return parse_result(call_id, stored.data or b"", stored.headers)
+
+    async def wait_result(self, call_id: str, timeout_s: float | None = None) -> CallResult:
+        """Wait for the stored result of a call submitted earlier (polls RESULTS, bounded)."""
+        async with asyncio.timeout(timeout_s or self._timeout_s):
+            delay = 0.01
+            while (result := await self.fetch_result(call_id)) is None:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            return result
+
+    async def _await_result(self, call_id: str, future: asyncio.Future[CallResult], timeout_s: float) -> CallResult:
+        """The reply, or, if it never came (reconnect, lost reply), the stored result."""
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(asyncio.shield(future), timeout=timeout_s)
+        stored = await self.fetch_result(call_id)
+        if stored is None:
+            raise TimeoutError(f"no result for call {call_id} within {timeout_s}s")
+        return stored
+
+    async def _on_reply(self, msg: Msg) -> None:
+        call_id = msg.subject.rsplit(".", 1)[-1]
+        future = self._waiting.get(call_id)
+        if future is None or future.done():
+            return  # a duplicate or a reply for a call we stopped waiting for
+        try:
+            future.set_result(parse_result(call_id, msg.data, msg.headers))
+        except (ValueError, json.JSONDecodeError) as error:
+            future.set_exception(error)
+
+    def _connected(self) -> NatsClient:
+        if self._nc is None:
+            raise RuntimeError("ToolbusClient is not connected: use 'async with ToolbusClient(...)'")
+        return self._nc

@@ -1,0 +1,86 @@
+"""Publishing what happened to a call: final results (exactly one per call) and events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError
+
+from shared.codec import dump_model_json, pack
+from shared.contracts import CallStatus, Event, EventKind, JsonRpcError, ToolCallResponse
+from shared.contracts.jsonrpc import RequestId
+from shared.errors import ToolbusError
+from shared.subjects import CONTENT_JSON, CONTENT_MSGPACK, Header, Subjects
+from shared.telemetry import current_trace_id, trace_headers
+
+log = structlog.get_logger(__name__)
+
+WRONG_LAST_SEQUENCE = 10071  # JetStream's "wrong last sequence" API error code
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+
+
+def now_ms() -> int:
+    """Wall-clock epoch milliseconds, the unit of every timestamp on the bus."""
+    return time.time_ns() // 1_000_000
+
+
+def error_response(request_id: RequestId | None, call_id: str, error: ToolbusError) -> ToolCallResponse:
+    """The JSON-RPC error response a producer receives for `error`."""
+    return ToolCallResponse(id=request_id, error=JsonRpcError.model_validate(error.to_jsonrpc(call_id)))
+
+
+class Outcomes:
+    """Publishes results and events for one service instance."""
+
+    def __init__(self, nc: NatsClient, js: JetStreamContext, subjects: Subjects, source: str) -> None:
+        self._nc = nc
+        self._js = js
+        self._subjects = subjects
+        self.source = source
+
+    async def publish_result(
+        self, call_id: str, response: ToolCallResponse, status: CallStatus, reply_to: str | None
+    ) -> bool:
+        """Store the final result unless one exists, then send it to `reply_to`; True if stored now.
+
+        `Nats-Expected-Last-Subject-Sequence: 0` makes RESULTS refuse a second result for the
+        same call whatever the timing, so a producer reading RESULTS sees exactly one.
+        """
+        payload = dump_model_json(response)
+        headers = self._result_headers(call_id, status)
+        try:
+            await self._js.publish(
+                self._subjects.result(call_id), payload, headers={**headers, EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}
+            )
+        except BadRequestError as error:
+            if error.err_code != WRONG_LAST_SEQUENCE:
+                raise
+            log.info("result.already_stored")
+            return False
+        if reply_to:
+            await self._nc.publish(reply_to, payload, headers=headers)
+        return True
+
+    def _result_headers(self, call_id: str, status: CallStatus) -> dict[str, str]:
+        return {
+            Header.CALL_ID: call_id,
+            Header.STATUS: status.value,
+            Header.CONTENT_TYPE: CONTENT_JSON,
+            **trace_headers(),
+        }
+
+    async def emit(self, *kinds: EventKind, **fields: Any) -> None:
+        """Publish events durably (JetStream, acks awaited together), sharing the given fields."""
+        fields.setdefault("trace_id", current_trace_id())
+        stamp = now_ms()
+        events = [Event(kind=kind, ts_ms=stamp, source=self.source, **fields) for kind in kinds]
+        await asyncio.gather(*(self._publish_event(event) for event in events))
+
+    async def _publish_event(self, event: Event) -> None:
+        headers = {Header.CONTENT_TYPE: CONTENT_MSGPACK, **trace_headers()}
+        await self._js.publish(self._subjects.event(event.kind.value), pack(event), headers=headers)

@@ -1,0 +1,102 @@
+"""The `toolbus-registry` KV bucket: the live config and every backend tool's spec.
+
+`toolbus up` (and later hot reload) writes `config`; each executor writes `tools.<public name>`
+for the tools its backends list. Routers keep a local copy current with a KV watch, so a new
+executor's tools are callable as soon as they are registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from shared.codec import dump_model_json
+from shared.config import Config, config_to_json, parse_config
+from shared.contracts import ToolSpec
+from shared.subjects import REGISTRY_BUCKET
+
+log = structlog.get_logger(__name__)
+
+CONFIG_KEY = "config"
+TOOL_KEY_PREFIX = "tools."
+
+
+def tool_key(public_name: str) -> str:
+    """KV key of one tool's spec."""
+    return f"{TOOL_KEY_PREFIX}{public_name}"
+
+
+class RegistryNotReady(RuntimeError):
+    """The registry has no config yet: run `toolbus up` or publish one first."""
+
+
+class Registry:
+    """Typed access to the registry bucket."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, *, create: bool = False, replicas: int = 1) -> Registry:
+        """Bind the bucket; create it (history 5, file storage) when `create` is set."""
+        try:
+            return cls(await js.key_value(REGISTRY_BUCKET))
+        except BucketNotFoundError:
+            if not create:
+                raise RegistryNotReady(f"KV bucket {REGISTRY_BUCKET!r} does not exist") from None
+        config = KeyValueConfig(bucket=REGISTRY_BUCKET, history=5, storage=StorageType.FILE, replicas=replicas)
+        return cls(await js.create_key_value(config))
+
+    async def put_config(self, config: Config) -> None:
+        await self._kv.put(CONFIG_KEY, config_to_json(config))
+
+    async def get_config(self) -> Config:
+        try:
+            entry = await self._kv.get(CONFIG_KEY)
+        except KeyNotFoundError:
+            raise RegistryNotReady("no config published in the registry yet") from None
+        return parse_config(json.loads(entry.value or b"{}"), source=f"kv:{REGISTRY_BUCKET}/{CONFIG_KEY}")
+
+    async def put_tool(self, spec: ToolSpec) -> None:
+        await self._kv.put(tool_key(spec.public_name), dump_model_json(spec))
+
+    async def tools(self) -> dict[str, ToolSpec]:
+        """Every registered tool by public name."""
+        try:
+            keys = await self._kv.keys()
+        except Exception:  # nats-py raises NoKeysError on an empty bucket
+            return {}
+        specs = await asyncio.gather(*(self._kv.get(k) for k in keys if k.startswith(TOOL_KEY_PREFIX)))
+        return {s.public_name: s for s in (ToolSpec.model_validate_json(e.value or b"") for e in specs)}
+
+    async def watch(self, on_tool: Callable[[ToolSpec], None], on_config: Callable[[Config], None]) -> None:
+        """Call back on every current and future tool and config entry until cancelled."""
+        watcher = await self._kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None or not entry.value:
+                    continue  # end of initial values, or a delete marker
+                self._dispatch(entry.key, entry.value, on_tool, on_config)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    @staticmethod
+    def _dispatch(
+        key: str, value: bytes, on_tool: Callable[[ToolSpec], None], on_config: Callable[[Config], None]
+    ) -> None:
+        try:
+            if key.startswith(TOOL_KEY_PREFIX):
+                on_tool(ToolSpec.model_validate_json(value))
+            elif key == CONFIG_KEY:
+                on_config(parse_config(json.loads(value), source=f"kv:{REGISTRY_BUCKET}/{CONFIG_KEY}"))
+        except Exception:
+            log.exception("registry.bad_entry", key=key)  # one bad entry must not stop the watch

@@ -1,0 +1,120 @@
+"""Logs and traces: structlog JSON lines carrying call_id and trace_id, W3C trace context.
+
+Every line about a call carries `call_id` and `trace_id` (bound with `call_context`). The
+trace context rides in the `traceparent`/`tracestate` headers of every hop, so one trace spans
+producer → router → executor → result. Spans are exported over OTLP only when
+`OTEL_EXPORTER_OTLP_ENDPOINT` is set and the exporter package is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.propagate import extract, inject
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+
+SECRET_KEY = re.compile(r"(key|token|secret|password|authorization)", re.IGNORECASE)
+REDACTED = "[redacted]"
+
+
+def redact_secrets(_logger: object, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Replace the value of any field named like a secret (api_key, token, password, ...)."""
+    for name in list(event):
+        if name != "event" and SECRET_KEY.search(name):
+            event[name] = REDACTED
+    return event
+
+
+def add_trace_id(_logger: object, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Add the current span's trace id when the line has none bound."""
+    if "trace_id" not in event:
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            event["trace_id"] = format(span_context.trace_id, "032x")
+    return event
+
+
+def configure_logging(service: str, *, json_lines: bool | None = None, level: str = "info") -> None:
+    """Configure structlog for a process: JSON when not on a terminal, key-value on one."""
+    if json_lines is None:
+        json_lines = not sys.stderr.isatty()
+    renderer: Any = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            add_trace_id,
+            redact_secrets,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+
+
+def configure_tracing(service: str) -> None:
+    """Install an SDK tracer provider so spans get real ids; export over OTLP when configured."""
+    if isinstance(trace.get_tracer_provider(), TracerProvider):
+        return
+    provider = TracerProvider(resource=Resource.create({"service.name": f"toolbus-{service}"}))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        _add_otlp_exporter(provider)
+    trace.set_tracer_provider(provider)
+
+
+def _add_otlp_exporter(provider: TracerProvider) -> None:
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]
+            OTLPSpanExporter,
+        )
+    except ImportError:
+        structlog.get_logger(__name__).warning("otlp.exporter_missing", hint="pip install toolbus[otlp]")
+        return
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+
+
+tracer = trace.get_tracer("toolbus")
+
+
+def trace_headers() -> dict[str, str]:
+    """`traceparent`/`tracestate` of the current span, to put on an outgoing message."""
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return carrier
+
+
+def context_from_headers(headers: Mapping[str, str] | None) -> otel_context.Context:
+    """The remote trace context carried by an incoming message's headers."""
+    return extract(dict(headers or {}))
+
+
+def current_trace_id() -> str | None:
+    """Hex trace id of the current span, if there is one."""
+    span_context = trace.get_current_span().get_span_context()
+    return format(span_context.trace_id, "032x") if span_context.is_valid else None
+
+
+@contextmanager
+def call_span(name: str, headers: Mapping[str, str] | None, call_id: str) -> Iterator[str | None]:
+    """A span continuing the message's trace, with call_id and trace_id bound into every log line."""
+    with tracer.start_as_current_span(name, context=context_from_headers(headers)) as span:
+        span.set_attribute("toolbus.call_id", call_id)
+        trace_id = current_trace_id()
+        with structlog.contextvars.bound_contextvars(call_id=call_id, trace_id=trace_id):
+            yield trace_id
