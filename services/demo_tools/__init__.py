@@ -1,0 +1,1 @@
+"""A small MCP server shipped with toolbus for demos, tests and benchmarks."""

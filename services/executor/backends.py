@@ -1,0 +1,139 @@
+"""Warm MCP client sessions to backend servers, restarted when they die.
+
+One `Backend` per configured server. A supervisor task owns the SDK `Client` (its context
+must be entered and left in one task); calls from any task share that session, which
+multiplexes concurrent JSON-RPC requests. When the transport breaks (a stdio server crashed,
+an HTTP server went away) the call fails as `BackendUnavailable`, a transient failure the
+executor retries, and the supervisor starts a fresh session with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import httpx2
+import structlog
+from mcp import Client
+from mcp.client import Transport
+from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED, CallToolResult, Tool
+
+from shared.config import ServerConfig
+
+log = structlog.get_logger(__name__)
+
+RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+CONNECT_TIMEOUT_S = 30.0
+
+
+class BackendUnavailable(Exception):
+    """The backend could not be reached or its session broke: retry later."""
+
+
+class Backend:
+    """A supervised, warm MCP session to one backend server."""
+
+    def __init__(self, name: str, config: ServerConfig) -> None:
+        self.name = name
+        self._config = config
+        self._client: Client | None = None
+        self._connected = asyncio.Event()
+        self._broken = asyncio.Event()
+        self._stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self.restarts = 0
+
+    async def start(self) -> None:
+        """Start the session and wait until it is usable."""
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"backend:{self.name}")
+        await self.wait_connected(CONNECT_TIMEOUT_S)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._broken.set()
+        if self._supervisor is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+
+    async def wait_connected(self, timeout: float) -> Client:
+        """The live client, waiting up to `timeout` for a (re)start."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._connected.wait()
+        except TimeoutError:
+            raise BackendUnavailable(f"backend {self.name!r} is not connected") from None
+        assert self._client is not None
+        return self._client
+
+    async def list_tools(self) -> list[Tool]:
+        """Every tool the backend offers (following pagination)."""
+        client = await self.wait_connected(CONNECT_TIMEOUT_S)
+        tools: list[Tool] = []
+        cursor: str | None = None
+        while True:
+            page = await client.list_tools(cursor=cursor)
+            tools.extend(page.tools)
+            cursor = page.next_cursor
+            if not cursor:
+                return tools
+
+    async def call_tool(self, tool: str, arguments: dict[str, Any], meta: dict[str, Any] | None) -> CallToolResult:
+        """Run one tool call; a broken session raises `BackendUnavailable` and triggers a restart."""
+        client = await self.wait_connected(CONNECT_TIMEOUT_S)
+        try:
+            return await client.call_tool(tool, arguments, meta=meta)  # type: ignore[arg-type]
+        except MCPError as error:
+            if error.code == CONNECTION_CLOSED:
+                self._mark_broken(client)
+                raise BackendUnavailable(f"backend {self.name!r} connection closed") from error
+            raise
+        except (OSError, httpx2.TransportError) as error:
+            self._mark_broken(client)
+            raise BackendUnavailable(f"backend {self.name!r} transport error: {error}") from error
+
+    def _mark_broken(self, client: Client) -> None:
+        if client is self._client:
+            self._connected.clear()
+            self._broken.set()
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            try:
+                await self._run_session()
+            except Exception as error:  # noqa: BLE001  # any failure of a session means: restart it
+                log.warning("backend.session_failed", backend=self.name, error=repr(error))
+            if self._stopping:
+                return
+            delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+            self.restarts += 1
+            log.info("backend.restarting", backend=self.name, restarts=self.restarts, delay_s=delay)
+            await asyncio.sleep(delay)
+
+    async def _run_session(self) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            client = await stack.enter_async_context(Client(await self._target(stack), cache=None))
+            self._client = client
+            self._broken.clear()
+            self._connected.set()
+            log.info("backend.connected", backend=self.name, protocol=client.protocol_version)
+            try:
+                await self._broken.wait()
+            finally:
+                self._connected.clear()
+                self._client = None
+
+    async def _target(self, stack: contextlib.AsyncExitStack) -> StdioServerParameters | Transport:
+        """What the SDK client connects to: a subprocess, or an HTTP endpoint with our headers."""
+        config = self._config
+        if config.command is not None:
+            return StdioServerParameters(
+                command=config.command, args=config.args, env=config.env or None, cwd=config.cwd
+            )
+        assert config.url is not None
+        timeout = httpx2.Timeout(30.0, read=300.0)
+        http = await stack.enter_async_context(httpx2.AsyncClient(headers=config.headers, timeout=timeout))
+        return streamable_http_client(config.url, http_client=http)

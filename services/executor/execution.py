@@ -1,0 +1,42 @@
+"""What an attempt's outcome means: final result, retry with backoff, or dead letter."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from mcp_types import CallToolResult
+
+from shared.config import BackoffConfig
+from shared.contracts import CallStatus, ToolCallResponse, WorkItem
+from shared.outcomes import now_ms
+
+
+def backoff_delay(attempt: int, backoff: BackoffConfig, rng: random.Random | None = None) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(max_s, base_s * 2^(attempt-1))]."""
+    ceiling = min(backoff.max_s, backoff.base_s * 2 ** max(0, attempt - 1))
+    return (rng or random).uniform(0, ceiling)
+
+
+def mcp_result(result: CallToolResult) -> dict[str, Any]:
+    """The backend's CallToolResult exactly as MCP puts it on the wire (camelCase, no nulls)."""
+    return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def success_response(work: WorkItem, result: CallToolResult) -> tuple[ToolCallResponse, CallStatus]:
+    """The producer's response for a tool that ran; its own `isError` makes it `tool_error`."""
+    status = CallStatus.TOOL_ERROR if result.is_error else CallStatus.OK
+    return ToolCallResponse(id=work.request_id, result=mcp_result(result)), status
+
+
+def remaining_s(work: WorkItem) -> float | None:
+    """Seconds left before the call's deadline (negative once passed), None without one."""
+    return None if work.deadline_ms is None else (work.deadline_ms - now_ms()) / 1000
+
+
+def time_budget_s(work: WorkItem, pool_timeout_s: float) -> tuple[float, bool]:
+    """How long this attempt may run, and whether that limit is the call's own deadline."""
+    left = remaining_s(work)
+    if left is not None and left < pool_timeout_s:
+        return max(left, 0.0), True
+    return pool_timeout_s, False

@@ -1,0 +1,102 @@
+"""The routing decision for one call, as a pure function of config, registry and message.
+
+Order of checks: limits and parse → headers → authenticate → authorize (globs, so a caller
+learns nothing about tools it may not call) → tool exists → arguments match its inputSchema →
+deadline not passed. The first failure is the answer; nothing refused is ever executed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from shared.config import Config
+from shared.contracts import ToolCallRequest, ToolSpec, WorkItem
+from shared.contracts.jsonrpc import RequestId
+from shared.errors import CallRefused, DeadlineExceeded, ToolbusError, UnknownTool
+from shared.outcomes import now_ms
+from shared.subjects import Header
+from services.router.policy import authenticate, authorize, index_principals
+from services.router.validation import (
+    ArgumentValidators,
+    IngressHeaders,
+    parse_body,
+    parse_headers,
+    request_id_of,
+    usable_reply_to,
+)
+
+
+@dataclass
+class Decision:
+    """Where a call goes (`work`) or why it is refused (`refusal`), with what is known of it."""
+
+    call_id: str
+    request_id: RequestId | None = None
+    principal: str | None = None
+    tool: str | None = None
+    reply_to: str | None = None
+    work: WorkItem | None = None
+    refusal: ToolbusError | None = None
+
+
+@dataclass
+class RoutingTable:
+    """Config and registered tools, as the router currently knows them."""
+
+    config: Config
+    tools: dict[str, ToolSpec] = field(default_factory=dict)
+    validators: ArgumentValidators = field(default_factory=ArgumentValidators)
+
+    def __post_init__(self) -> None:
+        self._principals = index_principals(self.config.principals)
+
+    def with_config(self, config: Config) -> RoutingTable:
+        """The same tools under a new config."""
+        return RoutingTable(config, self.tools, self.validators)
+
+    def decide(self, headers: Mapping[str, str], body: bytes, call_id: str) -> Decision:
+        """Route or refuse one call; refusals are returned, never raised."""
+        decision = Decision(call_id=call_id, reply_to=usable_reply_to(headers.get(Header.REPLY_TO)))
+        try:
+            self._route(decision, headers, body)
+        except CallRefused as refusal:
+            decision.refusal = refusal
+        except DeadlineExceeded as expired:
+            decision.refusal = expired
+        return decision
+
+    def _route(self, decision: Decision, headers: Mapping[str, str], body: bytes) -> None:
+        decision.request_id = request_id_of(body)
+        request = parse_body(body, self.config.limits)
+        decision.request_id, decision.tool = request.id, request.params.name
+        ingress = parse_headers(headers, decision.call_id)
+        principal = authenticate(ingress.authorization, self._principals)
+        decision.principal = principal.name
+        authorize(principal, self.config.roles, request.params.name)
+        spec = self.tools.get(request.params.name)
+        if spec is None:
+            raise UnknownTool(f"no tool named {request.params.name!r}")
+        self.validators.validate(spec, request.params.arguments)
+        if ingress.deadline_ms is not None and ingress.deadline_ms <= now_ms():
+            raise DeadlineExceeded("the call's deadline passed before it was routed")
+        decision.work = self._work_item(request, ingress, spec, principal.name)
+
+    @staticmethod
+    def _work_item(request: ToolCallRequest, ingress: IngressHeaders, spec: ToolSpec, principal: str) -> WorkItem:
+        return WorkItem(
+            call_id=ingress.call_id,
+            request_id=request.id,
+            public_tool=spec.public_name,
+            server=spec.server,
+            tool=spec.tool,
+            pool=spec.pool,
+            arguments=request.params.arguments,
+            meta=request.params.meta,
+            principal=principal,
+            priority=ingress.priority,
+            deadline_ms=ingress.deadline_ms,
+            reply_to=ingress.reply_to,
+            session=ingress.session,
+            accepted_at_ms=now_ms(),
+        )

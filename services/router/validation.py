@@ -1,0 +1,159 @@
+"""Is this a well-formed call? Headers, body, size and depth limits, arguments vs inputSchema."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import SchemaError
+from jsonschema.protocols import Validator
+from pydantic import ValidationError
+
+from shared.config import LimitsConfig
+from shared.contracts import ToolCallRequest, ToolSpec
+from shared.errors import InvalidArguments, InvalidRequest, ParseError
+from shared.subjects import Header
+
+ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$", re.IGNORECASE)
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
+SUBJECT = re.compile(r"^[^\s*>]+$")
+DEFAULT_PRIORITY = 2
+
+
+@dataclass(frozen=True)
+class IngressHeaders:
+    """The bus metadata of a producer's call, validated."""
+
+    call_id: str
+    authorization: str | None
+    priority: int
+    deadline_ms: int | None
+    reply_to: str | None
+    session: str | None
+
+
+def is_call_id(value: str) -> bool:
+    """Call ids are ULIDs or UUIDs (v7 recommended): safe as a subject token, unique, sortable."""
+    return bool(ULID.match(value) or UUID.match(value))
+
+
+def parse_headers(headers: Mapping[str, str], call_id: str) -> IngressHeaders:
+    """Validate the wire-contract headers; anything malformed is an `invalid_request`."""
+    if not is_call_id(call_id):
+        raise InvalidRequest(f"{Header.MSG_ID} must be a ULID or UUID, got {call_id!r}")
+    return IngressHeaders(
+        call_id=call_id,
+        authorization=headers.get(Header.AUTHORIZATION),
+        priority=_priority(headers.get(Header.PRIORITY)),
+        deadline_ms=_deadline(headers.get(Header.DEADLINE)),
+        reply_to=_reply_to(headers.get(Header.REPLY_TO)),
+        session=headers.get(Header.SESSION) or None,
+    )
+
+
+def _priority(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_PRIORITY
+    if raw not in ("0", "1", "2", "3"):
+        raise InvalidRequest(f"{Header.PRIORITY} must be 0, 1, 2 or 3, got {raw!r}")
+    return int(raw)
+
+
+def _deadline(raw: str | None) -> int | None:
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit():
+        raise InvalidRequest(f"{Header.DEADLINE} must be epoch milliseconds, got {raw!r}")
+    return int(raw)
+
+
+def _reply_to(raw: str | None) -> str | None:
+    if raw and not SUBJECT.match(raw):
+        raise InvalidRequest(f"{Header.REPLY_TO} is not a publishable subject: {raw!r}")
+    return raw or None
+
+
+def usable_reply_to(raw: str | None) -> str | None:
+    """The reply subject if it is publishable, else None (used to answer malformed calls)."""
+    return raw if raw and SUBJECT.match(raw) else None
+
+
+def parse_body(body: bytes, limits: LimitsConfig) -> ToolCallRequest:
+    """Decode a `tools/call` request within the size and nesting limits."""
+    if len(body) > limits.max_body_bytes:
+        raise InvalidArguments(
+            f"request body is {len(body)} bytes, the limit is {limits.max_body_bytes}",
+            limit_bytes=limits.max_body_bytes,
+        )
+    try:
+        decoded = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ParseError(f"body is not valid JSON: {error}") from None
+    if json_depth(decoded) > limits.max_depth:
+        raise InvalidArguments(f"request nests deeper than {limits.max_depth} levels", max_depth=limits.max_depth)
+    try:
+        return ToolCallRequest.model_validate(decoded)
+    except ValidationError as error:
+        raise InvalidRequest(f"not a valid MCP tools/call request: {_first_problem(error)}") from None
+
+
+def request_id_of(body: bytes) -> Any:
+    """Best-effort JSON-RPC id of a body that failed validation (null when unreadable)."""
+    try:
+        decoded = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    request_id = decoded.get("id") if isinstance(decoded, dict) else None
+    return request_id if isinstance(request_id, str | int) and not isinstance(request_id, bool) else None
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value, without recursion (a hostile body can't blow the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _first_problem(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    return f"{where}: {first['msg']}"
+
+
+class ArgumentValidators:
+    """JSON Schema validators of every tool's inputSchema, each compiled once per registration."""
+
+    def __init__(self) -> None:
+        self._compiled: dict[tuple[str, int], Validator] = {}
+
+    def validate(self, spec: ToolSpec, arguments: dict[str, Any]) -> None:
+        """Refuse arguments that fail the tool's inputSchema, naming the first failing path."""
+        error = next(iter(self._validator(spec).iter_errors(arguments)), None)
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+            raise InvalidArguments(f"arguments do not match {spec.public_name}'s inputSchema at {where}: {error.message}")
+
+    def _validator(self, spec: ToolSpec) -> Validator:
+        key = (spec.public_name, spec.registered_at_ms)
+        if key not in self._compiled:
+            self._compiled = {k: v for k, v in self._compiled.items() if k[0] != spec.public_name}
+            self._compiled[key] = compile_schema(spec.input_schema)
+        return self._compiled[key]
+
+
+def compile_schema(schema: dict[str, Any]) -> Validator:
+    """A validator for the schema's declared draft (2020-12 when it declares none)."""
+    cls = validators.validator_for(schema, default=Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except SchemaError:
+        cls = Draft202012Validator  # a sloppy backend schema: validate what can be validated
+    return cls(schema)
