@@ -33,6 +33,8 @@ from services.executor.execution import backoff_delay, success_response, time_bu
 
 log = structlog.get_logger(__name__)
 
+BACKEND_START_TIMEOUT_S = 20.0
+
 CALLS = Counter("toolbus_executor_calls_total", "Attempts finished by this worker", ["pool", "status"])
 CALL_SECONDS = Histogram("toolbus_executor_call_seconds", "Backend call duration", ["pool"])
 IN_FLIGHT = Gauge("toolbus_executor_in_flight", "Calls running in this worker", ["pool"])
@@ -85,8 +87,7 @@ class ExecutorService:
         config = await registry.get_config()
         self._pool = config.pools[self._settings.pool]
         self._outcomes = Outcomes(self._nc, self._js, self._subjects, source=self._settings.instance)
-        await self._start_backends(config)
-        await self._register_tools(registry, config)
+        await self._start_backends(config, registry)
         await self._start_consumer()
 
     async def stop(self) -> None:
@@ -97,27 +98,40 @@ class ExecutorService:
         if self._nc is not None:
             await self._nc.drain()
 
-    async def _start_backends(self, config: Config) -> None:
+    async def _start_backends(self, config: Config, registry: Registry) -> None:
+        """Start every backend of the pool; each registers its tools whenever it (re)connects.
+
+        A backend that is down at start does not stop the worker: its calls are retried and
+        its tools appear once it connects.
+        """
         pool = self._settings.pool
-        self._backends = {n: Backend(n, s) for n, s in config.servers.items() if s.pool == pool}
+
+        async def register(backend: Backend) -> None:
+            await self._register_tools(registry, config, backend)
+
+        self._backends = {n: Backend(n, s, register) for n, s in config.servers.items() if s.pool == pool}
         if not self._backends:
             log.warning("executor.no_backends", pool=pool)
         await asyncio.gather(*(backend.start() for backend in self._backends.values()))
+        waits = [asyncio.wait_for(b.registered.wait(), BACKEND_START_TIMEOUT_S) for b in self._backends.values()]
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        for backend, result in zip(self._backends.values(), results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("executor.backend_not_ready", backend=backend.name, error=repr(result))
 
-    async def _register_tools(self, registry: Registry, config: Config) -> None:
-        """Publish every backend tool (name, description, schemas) so routers can validate calls."""
-        for server, backend in self._backends.items():
-            for tool in await backend.list_tools():
-                spec = ToolSpec(
-                    public_name=config.public_name(server, tool.name), server=server, pool=self._settings.pool,
-                    tool=tool.name, title=tool.title, description=tool.description,
-                    input_schema=tool.input_schema, output_schema=tool.output_schema,
-                    annotations=tool.annotations.model_dump(mode="json", by_alias=True, exclude_none=True)
-                    if tool.annotations else None,
-                    registered_at_ms=now_ms(),
-                )
-                await registry.put_tool(spec)
-            log.info("executor.tools_registered", backend=server)
+    async def _register_tools(self, registry: Registry, config: Config, backend: Backend) -> None:
+        """Publish the backend's tools (name, description, schemas) so routers can validate calls."""
+        for tool in await backend.list_tools():
+            annotations = tool.annotations.model_dump(mode="json", by_alias=True, exclude_none=True) \
+                if tool.annotations else None
+            spec = ToolSpec(
+                public_name=config.public_name(backend.name, tool.name), server=backend.name,
+                pool=self._settings.pool, tool=tool.name, title=tool.title, description=tool.description,
+                input_schema=tool.input_schema, output_schema=tool.output_schema, annotations=annotations,
+                registered_at_ms=now_ms(),
+            )
+            await registry.put_tool(spec)
+        log.info("executor.tools_registered", backend=backend.name)
 
     async def _start_consumer(self) -> None:
         assert self._nc is not None and self._js is not None

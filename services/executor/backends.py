@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx2
@@ -37,20 +38,23 @@ class BackendUnavailable(Exception):
 class Backend:
     """A supervised, warm MCP session to one backend server."""
 
-    def __init__(self, name: str, config: ServerConfig) -> None:
+    def __init__(
+        self, name: str, config: ServerConfig, on_connected: Callable[[Backend], Awaitable[None]] | None = None
+    ) -> None:
         self.name = name
         self._config = config
+        self._on_connected = on_connected
         self._client: Client | None = None
         self._connected = asyncio.Event()
+        self.registered = asyncio.Event()  # set once on_connected has run for the current session
         self._broken = asyncio.Event()
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self.restarts = 0
 
     async def start(self) -> None:
-        """Start the session and wait until it is usable."""
+        """Start the session in the background; `wait_connected` tells when it is usable."""
         self._supervisor = asyncio.create_task(self._supervise(), name=f"backend:{self.name}")
-        await self.wait_connected(CONNECT_TIMEOUT_S)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -120,9 +124,13 @@ class Backend:
             self._broken.clear()
             self._connected.set()
             log.info("backend.connected", backend=self.name, protocol=client.protocol_version)
+            if self._on_connected is not None:
+                await self._on_connected(self)
+            self.registered.set()
             try:
                 await self._broken.wait()
             finally:
+                self.registered.clear()
                 self._connected.clear()
                 self._client = None
 

@@ -1,0 +1,164 @@
+"""`toolbus demo` (what `make demo` runs): a real mesh, a mixed batch of real calls, a summary.
+
+It starts embedded NATS and Redis, the router and a worker pool fronting mcp-server-git (on
+a throwaway repository it creates), mcp-server-time and the demo tools; runs calls that
+succeed, fail as tools, and are refused (unknown tool, forbidden, invalid arguments); prints
+counts by status and latency percentiles; stops everything; exits 0 only if every call got
+the status it should.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from shared.client import ToolbusClient
+from shared.config import Config, hash_api_key, parse_config
+from shared.mesh import Mesh
+
+DEMO_KEY = "demo-key-not-a-secret"
+console = Console()
+
+
+@dataclass(frozen=True)
+class PlannedCall:
+    """One call of the demo batch and the status it must end with."""
+
+    tool: str
+    arguments: dict[str, Any]
+    expect: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    call: PlannedCall
+    status: str
+    seconds: float
+
+
+def demo(
+    rounds: Annotated[int, typer.Option(help="How many times the mixed batch runs.")] = 5,
+    concurrency: Annotated[int, typer.Option(help="Calls in flight at once.")] = 8,
+) -> None:
+    """Start a real mesh, run a mixed batch of real calls, print a summary, stop (exit 0 if all as expected)."""
+    outcomes = asyncio.run(run_demo(rounds, concurrency))
+    console.print(summary_table(outcomes))
+    wrong = [o for o in outcomes if o.status != o.call.expect]
+    for outcome in wrong:
+        console.print(f"[red]{outcome.call.tool}: expected {outcome.call.expect}, got {outcome.status}[/red]")
+    console.print(f"[green]demo ok: {len(outcomes)} calls, every one ended as expected[/green]" if not wrong
+                  else f"[red]demo failed: {len(wrong)} calls ended unexpectedly[/red]")
+    raise typer.Exit(1 if wrong else 0)
+
+
+async def run_demo(rounds: int, concurrency: int) -> list[Outcome]:
+    with tempfile.TemporaryDirectory(prefix="toolbus-demo-") as tmp:
+        repo = make_repository(Path(tmp) / "repo")
+        mesh = Mesh(demo_config(repo), Path(tmp) / "data")
+        try:
+            with console.status("starting the mesh: NATS, Redis, router, workers, MCP servers…"):
+                info = await mesh.start()
+            console.print(f"mesh up: NATS {info.nats_url} · {len(info.services)} service processes")
+            return await run_batch(info.nats_url, plan(repo, rounds), concurrency)
+        finally:
+            with console.status("stopping the mesh…"):
+                await mesh.stop()
+
+
+def plan(repo: Path, rounds: int) -> list[PlannedCall]:
+    """The mixed batch: real tools on three servers, a tool error, and three kinds of refusal."""
+    batch = [
+        PlannedCall("time__get_current_time", {"timezone": "Europe/Paris"}, "ok"),
+        PlannedCall("time__convert_time", {"source_timezone": "UTC", "time": "12:00",
+                                           "target_timezone": "Asia/Tokyo"}, "ok"),
+        PlannedCall("git__git_status", {"repo_path": str(repo)}, "ok"),
+        PlannedCall("git__git_log", {"repo_path": str(repo), "max_count": 5}, "ok"),
+        PlannedCall("demo__echo", {"text": "hello, bus"}, "ok"),
+        PlannedCall("demo__summarize", {"text": "toolbus carries MCP tool calls over NATS " * 4}, "ok"),
+        PlannedCall("demo__sleep_ms", {"ms": 20}, "ok"),
+        PlannedCall("demo__fail", {"message": "a tool error, returned as isError"}, "tool_error"),
+        PlannedCall("demo__does_not_exist", {}, "rejected"),
+        PlannedCall("git__git_commit", {"repo_path": str(repo), "message": "nope"}, "rejected"),
+        PlannedCall("demo__echo", {"text": 42}, "rejected"),
+    ]
+    return batch * rounds
+
+
+async def run_batch(nats_url: str, calls: list[PlannedCall], concurrency: int) -> list[Outcome]:
+    gate = asyncio.Semaphore(concurrency)
+    async with ToolbusClient(nats_url, DEMO_KEY, timeout_s=60) as client:
+        with Progress(console=console) as progress:
+            task = progress.add_task("calling tools", total=len(calls))
+
+            async def one(planned: PlannedCall) -> Outcome:
+                async with gate:
+                    started = time.perf_counter()
+                    result = await client.call(planned.tool, planned.arguments, raise_on_error=False)
+                    progress.advance(task)
+                    return Outcome(planned, result.status.value, time.perf_counter() - started)
+
+            return list(await asyncio.gather(*(one(c) for c in calls)))
+
+
+def summary_table(outcomes: list[Outcome]) -> Table:
+    """Calls by status with p50/p99 latency, as the demo prints them."""
+    table = Table("status", "calls", "p50 ms", "p99 ms", title="toolbus demo: calls by status")
+    by_status: dict[str, list[float]] = {}
+    for outcome in outcomes:
+        by_status.setdefault(outcome.status, []).append(outcome.seconds * 1000)
+    for status, latencies in sorted(by_status.items()):
+        table.add_row(status, str(len(latencies)), f"{percentile(latencies, 50):.1f}",
+                      f"{percentile(latencies, 99):.1f}")
+    everything = [o.seconds * 1000 for o in outcomes]
+    table.add_row("all", str(len(outcomes)), f"{percentile(everything, 50):.1f}", f"{percentile(everything, 99):.1f}")
+    tools = Counter(o.call.tool.split("__")[0] for o in outcomes)
+    table.caption = "by server: " + ", ".join(f"{name} {count}" for name, count in sorted(tools.items()))
+    return table
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """The pct-th percentile (inclusive method); 0 for no values."""
+    if len(values) < 2:
+        return values[0] if values else 0.0
+    return statistics.quantiles(values, n=100, method="inclusive")[int(pct) - 1]
+
+
+def make_repository(path: Path) -> Path:
+    """A git repository with two commits for mcp-server-git to read."""
+    path.mkdir(parents=True)
+    git = ["git", "-C", str(path), "-c", "user.name=toolbus demo", "-c", "user.email=demo@toolbus.invalid"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
+    for number in (1, 2):
+        (path / "NOTES.md").write_text(f"toolbus demo note {number}\n")
+        subprocess.run([*git, "add", "NOTES.md"], check=True)
+        subprocess.run([*git, "commit", "-q", "-m", f"demo commit {number}"], check=True)
+    return path
+
+
+def demo_config(repo: Path) -> Config:
+    """Three real MCP servers in one pool, one principal who may use them read-only."""
+    python = sys.executable
+    return parse_config({
+        "servers": {
+            "git": {"command": python, "args": ["-m", "mcp_server_git", "--repository", str(repo)]},
+            "time": {"command": python, "args": ["-m", "mcp_server_time", "--local-timezone", "UTC"]},
+            "demo": {"command": python, "args": ["-m", "services.demo_tools"]},
+        },
+        "pools": {"default": {"workers": 1, "concurrency": 16}},
+        "principals": [{"name": "demo", "key_sha256": hash_api_key(DEMO_KEY), "roles": ["demo"]}],
+        "roles": {"demo": {"allow": ["time__*", "git__git_status", "git__git_log", "demo__*"],
+                           "deny": ["git__git_commit", "demo__crash"]}},
+    }, source="<demo>")
