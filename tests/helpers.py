@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
 from shared.config import Config
-from shared.mesh import bootstrap
+from shared.mesh import bootstrap, free_port, http_ok
 from services.executor.app import ExecutorService, ExecutorSettings
 from services.router.app import RouterService, RouterSettings
 
@@ -45,3 +50,44 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 
             if value:
                 return value
             await asyncio.sleep(interval)
+
+
+class ServiceProcessHandle:
+    """A service started as its own process (`python -m services.<name>`), logging JSON to a file."""
+
+    def __init__(self, module: str, nats_url: str, log_path: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        argv = [sys.executable, "-m", module, "--nats-url", nats_url, "--http-port", str(self.port), *extra]
+        with log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(argv, stdout=log_file, stderr=log_file)
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until `/readyz` answers 200, failing early if the process died."""
+
+        async def ready() -> bool:
+            assert self.process.poll() is None, f"{self.log_path.name} died:\n{self.log_path.read_text()[-3000:]}"
+            return await http_ok(f"http://127.0.0.1:{self.port}/readyz")
+
+        await eventually(ready, timeout=timeout, interval=0.1)
+
+    def log_lines(self) -> list[dict[str, object]]:
+        """The JSON log lines written so far (non-JSON lines, e.g. a backend's stderr, skipped)."""
+        lines = []
+        for raw in self.log_path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(raw)
+                if isinstance(value, dict):
+                    lines.append(value)
+        return lines
+
+    def stop(self) -> int:
+        """SIGTERM and wait (the graceful path); returns the exit code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(timeout=60)
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no cleanup, as a crash would."""
+        self.process.kill()
+        self.process.wait(timeout=10)

@@ -160,7 +160,7 @@ class ExecutorService:
             await self._attempt(work, msg, attempt)
 
     async def _attempt(self, work: WorkItem, msg: Msg, attempt: int) -> None:
-        if attempt > 1 and await self._already_answered(work):
+        if await self._already_answered(work):
             log.info("call.already_answered", attempt=attempt)
             await msg.ack()
         elif attempt > self._pool.max_deliveries:
@@ -266,7 +266,8 @@ class ExecutorService:
         log.error("call.dead_lettered", attempts=attempts, error=error)
 
     async def _already_answered(self, work: WorkItem) -> bool:
-        """A redelivered call whose result is already stored must not run again."""
+        """A call whose result is already stored must not run again: redelivered after its worker
+        died between publishing and acking, or submitted again after CALLS' dedupe window."""
         assert self._js is not None
         try:
             await self._js.get_last_msg(Stream.RESULTS.value, self._subjects.result(work.call_id), direct=True)

@@ -1,0 +1,42 @@
+# Every target bootstraps .venv itself: on a fresh machine with Python 3.11,
+# `make demo` and `make test` are the only two commands needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit integration e2e chaos bench up contracts clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/toolbus demo
+
+up: $(STAMP)
+	$(BIN)/toolbus up --config toolbus.yaml
+
+test: $(STAMP) lint typecheck
+	$(BIN)/python -m shared.contracts.generate --check
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check shared services tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit integration e2e chaos: $(STAMP)
+	$(BIN)/python -m pytest -m $@
+
+contracts: $(STAMP)
+	$(BIN)/python -m shared.contracts.generate
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.whole_path
+
+clean:
+	rm -rf $(VENV) .toolbus .mypy_cache .ruff_cache

@@ -1,0 +1,109 @@
+"""The `toolbus` command: config check, up (runtime.json, SIGTERM), call and tools against a live mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.config import hash_api_key
+from tests.conftest import ADMIN_KEY
+
+pytestmark = [pytest.mark.e2e]
+
+TOOLBUS = [sys.executable, "-c", "from shared.cli import main; main()"]
+
+
+def toolbus(*args: str, env: dict[str, str] | None = None, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TOOLBUS, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, check=False)
+
+
+@pytest.fixture(scope="module")
+def running_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, object]]]:
+    """`toolbus up` in a subprocess with a demo-only config; yields (data dir, runtime.json)."""
+    root = tmp_path_factory.mktemp("up")
+    config = {
+        "servers": {"demo": {"command": sys.executable, "args": ["-m", "services.demo_tools"]}},
+        "principals": [{"name": "admin", "key_sha256": hash_api_key(ADMIN_KEY), "roles": ["admin"]}],
+        "roles": {"admin": {"allow": ["*"]}},
+    }
+    (root / "toolbus.yaml").write_text(yaml.safe_dump(config))
+    data_dir = root / "data"
+    output = root / "up.log"
+    with output.open("w") as log_file:
+        up = subprocess.Popen([*TOOLBUS, "up", "--config", str(root / "toolbus.yaml"), "--data-dir", str(data_dir)],
+                              stdout=log_file, stderr=log_file)
+    runtime = data_dir / "runtime.json"
+    deadline = time.monotonic() + 90
+    while not runtime.exists():
+        assert up.poll() is None, output.read_text()
+        assert time.monotonic() < deadline, "toolbus up was not ready in 90 s"
+        time.sleep(0.1)  # polling a file another process writes; bounded by the deadline above
+    yield data_dir, json.loads(runtime.read_text())
+    up.send_signal(signal.SIGTERM)
+    assert up.wait(timeout=60) == 0
+    assert not runtime.exists(), "runtime.json must be removed on exit"
+
+
+def test_config_check_names_the_bad_field(tmp_path: Path) -> None:
+    """`toolbus config check` exits 1 and prints the path and reason of a bad field."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("servers:\n  git: {command: mcp-server-git, pool: nowhere}\n")
+    checked = toolbus("config", "check", str(bad))
+    assert checked.returncode == 1
+    assert "servers.git.pool" in checked.stderr and "nowhere" in checked.stderr
+
+
+def test_config_check_accepts_the_shipped_configs() -> None:
+    """The repository's toolbus.yaml and toolbus.example.yaml are valid."""
+    root = Path(__file__).resolve().parents[2]
+    for name in ("toolbus.yaml", "toolbus.example.yaml"):
+        checked = toolbus("config", "check", str(root / name), env={"REMOTE_TOKEN": "x"})
+        assert checked.returncode == 0, checked.stderr
+
+
+def test_up_writes_runtime_json(running_mesh: tuple[Path, dict[str, object]]) -> None:
+    """runtime.json names the NATS and Redis URLs, the gateway (null for now) and the live pid."""
+    _data_dir, runtime = running_mesh
+    assert str(runtime["nats_url"]).startswith("nats://127.0.0.1:")
+    assert str(runtime["redis_url"]).startswith("redis://127.0.0.1:")
+    assert runtime["gateway_url"] is None
+    os.kill(int(str(runtime["pid"])), 0)  # raises if the process is gone
+
+
+def test_call_prints_the_result(running_mesh: tuple[Path, dict[str, object]]) -> None:
+    """`toolbus call` finds the mesh through runtime.json, parses key=value, prints the result."""
+    data_dir, _ = running_mesh
+    called = toolbus("call", "demo__echo", "text=hello cli", "--data-dir", str(data_dir), env={"TOOLBUS_API_KEY": ADMIN_KEY})
+    assert called.returncode == 0, called.stderr
+    assert json.loads(called.stdout) == {"result": "hello cli"}
+
+
+def test_call_exit_codes_tell_errors_apart(running_mesh: tuple[Path, dict[str, object]]) -> None:
+    """A tool error exits 4; a refusal exits 1 and says why."""
+    data_dir, _ = running_mesh
+    env = {"TOOLBUS_API_KEY": ADMIN_KEY}
+    tool_error = toolbus("call", "demo__fail", "message=boom", "--data-dir", str(data_dir), env=env)
+    refused = toolbus("call", "demo__echo", "--data-dir", str(data_dir), env={"TOOLBUS_API_KEY": "wrong"})
+    assert tool_error.returncode == 4 and "boom" in tool_error.stdout
+    assert refused.returncode == 1 and "unauthenticated" in refused.stdout
+
+
+def test_tools_lists_the_registry(running_mesh: tuple[Path, dict[str, object]]) -> None:
+    """`toolbus tools --json` lists every demo tool with its pool and input schema."""
+    data_dir, _ = running_mesh
+    listed = toolbus("tools", "--json", "--data-dir", str(data_dir))
+    assert listed.returncode == 0, listed.stderr
+    specs = {spec["public_name"]: spec for spec in json.loads(listed.stdout)}
+    assert {"demo__echo", "demo__sleep_ms", "demo__summarize"} <= set(specs)
+    assert specs["demo__echo"]["pool"] == "default"
+    assert specs["demo__echo"]["input_schema"]["required"] == ["text"]
