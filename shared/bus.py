@@ -19,6 +19,7 @@ import nats
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -133,7 +134,7 @@ class PullConsumer:
         self._last_seen = time.monotonic()
         self._stopping = False
         self._inbox = ""
-        self._sub: nats.aio.subscription.Subscription | None = None
+        self._sub: Subscription | None = None
         self._pump: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
 

@@ -13,7 +13,8 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 def pack(model: BaseModel) -> bytes:
     """Encode a contract model as msgpack (its JSON-mode dump, so any language can read it)."""
-    return msgpack.packb(model.model_dump(mode="json", by_alias=True), use_bin_type=True)
+    packed: bytes = msgpack.packb(model.model_dump(mode="json", by_alias=True), use_bin_type=True)
+    return packed
 
 
 def unpack(model_type: type[ModelT], data: bytes) -> ModelT:

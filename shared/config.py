@@ -628,7 +628,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
     path = Path(path)
     text = _read_text(path)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError([_yaml_problem(exc)], str(path)) from exc
     return parse_config({} if data is None else data, source=str(path), env=env)

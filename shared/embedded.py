@@ -364,7 +364,7 @@ class NatsServer(_ServerProcess):
             argv += ["-js", "-sd", str(s.data_dir / "nats")]
         if s.http_port is not None:
             argv += ["--http_port", str(s.http_port)]
-        return argv + ["-l", str(self._log_path)]
+        return [*argv, "-l", str(self._log_path)]
 
     def _is_ready(self, lines: list[str]) -> bool:
         """Ready once it both listens for clients and says "Server is ready"."""

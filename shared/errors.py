@@ -61,7 +61,7 @@ class ToolbusError(Exception):
 
     def to_jsonrpc(self, call_id: str) -> dict[str, Any]:
         """The JSON-RPC `error` member for this failure."""
-        data = {"reason": self.reason.value, "call_id": call_id, **self.data}
+        data = {**self.data, "reason": self.reason.value, "call_id": call_id}  # extras never mask these
         return {"code": self.code, "message": self.message, "data": data}
 
 

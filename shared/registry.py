@@ -15,7 +15,7 @@ from collections.abc import Callable
 import structlog
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
 from shared.codec import dump_model_json
@@ -72,7 +72,7 @@ class Registry:
         """Every registered tool by public name."""
         try:
             keys = await self._kv.keys()
-        except Exception:  # nats-py raises NoKeysError on an empty bucket
+        except NoKeysError:  # an empty bucket
             return {}
         specs = await asyncio.gather(*(self._kv.get(k) for k in keys if k.startswith(TOOL_KEY_PREFIX)))
         return {s.public_name: s for s in (ToolSpec.model_validate_json(e.value or b"") for e in specs)}
@@ -87,7 +87,7 @@ class Registry:
                 self._dispatch(entry.key, entry.value, on_tool, on_config)
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
 
     @staticmethod
     def _dispatch(

@@ -84,8 +84,9 @@ class HealthServer:
         if path == "/healthz":
             return "200 OK", "text/plain", b"ok\n"
         if path == "/readyz":
-            ready = self._is_ready()
-            return ("200 OK" if ready else "503 Service Unavailable"), "text/plain", b"ready\n" if ready else b"starting\n"
+            if self._is_ready():
+                return "200 OK", "text/plain", b"ready\n"
+            return "503 Service Unavailable", "text/plain", b"starting\n"
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, generate_latest()
         return "404 Not Found", "text/plain", b"not found\n"

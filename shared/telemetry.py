@@ -22,17 +22,28 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-SECRET_KEY = re.compile(r"(key|token|secret|password|authorization)", re.IGNORECASE)
+# Whole name parts only: `api_key`, `token`, `Authorization` are secrets; `input_tokens`, `monkey` are not.
+SECRET_KEY = re.compile(r"(^|[_-])(api_?key|key|token|secret|password|passwd|authorization|cookie)$", re.IGNORECASE)
 REDACTED = "[redacted]"
 
 
 def redact_secrets(_logger: object, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Replace the value of any field named like a secret (api_key, token, password, ...)."""
-    for name in list(event):
-        if name != "event" and SECRET_KEY.search(name):
-            event[name] = REDACTED
+    for name, value in list(event.items()):
+        if name != "event":
+            event[name] = _redacted(name, value)
     return event
+
+
+def _redacted(name: str, value: Any) -> Any:
+    """The value, or REDACTED if its name is secret-like; mappings are redacted field by field."""
+    if SECRET_KEY.search(name):
+        return REDACTED
+    if isinstance(value, Mapping):
+        return {str(k): _redacted(str(k), v) for k, v in value.items()}
+    return value
 
 
 def add_trace_id(_logger: object, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -78,14 +89,12 @@ def configure_tracing(service: str) -> None:
 
 def _add_otlp_exporter(provider: TracerProvider) -> None:
     try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]  # noqa: PLC0415  # optional extra
             OTLPSpanExporter,
         )
     except ImportError:
         structlog.get_logger(__name__).warning("otlp.exporter_missing", hint="pip install toolbus[otlp]")
         return
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from shared.config import Config
-from shared.mesh import bootstrap, free_port, http_ok
 from services.executor.app import ExecutorService, ExecutorSettings
 from services.router.app import RouterService, RouterSettings
+from shared.config import Config
+from shared.mesh import bootstrap, free_port, http_ok
 
 T = TypeVar("T")
 

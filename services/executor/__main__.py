@@ -1,7 +1,7 @@
 """`python -m services.executor --pool NAME`: run one worker process of a pool."""
 
-from shared.service import common_args, common_parser, run_service
 from services.executor.app import ExecutorService, ExecutorSettings
+from shared.service import common_args, common_parser, run_service
 
 
 def main() -> None:

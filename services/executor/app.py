@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -19,17 +18,17 @@ from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
+from services.executor.backends import Backend, BackendUnavailable
+from services.executor.execution import backoff_delay, success_response, time_budget_s
 from shared.bus import PullConsumer, PullSettings, connect, ensure_consumer, provision_streams
 from shared.codec import pack, unpack
 from shared.config import Config, PoolConfig
 from shared.contracts import Attempt, CallStatus, DeadLetter, EventKind, ToolCallResponse, ToolSpec, WorkItem
-from shared.errors import BackendError, DeadlineExceeded, DeadLettered, ToolbusError
+from shared.errors import BackendError, DeadLettered, DeadlineExceeded, ToolbusError
 from shared.outcomes import Outcomes, error_response, now_ms
 from shared.registry import Registry
 from shared.subjects import CONTENT_MSGPACK, DEFAULT_PREFIX, Header, Stream, Subjects
 from shared.telemetry import call_span, trace_headers
-from services.executor.backends import Backend, BackendUnavailable
-from services.executor.execution import backoff_delay, success_response, time_budget_s
 
 log = structlog.get_logger(__name__)
 
@@ -251,7 +250,9 @@ class ExecutorService:
         assert self._js is not None and self._outcomes is not None
         record = DeadLetter(
             work=work,
-            attempts=[Attempt(attempt=max(1, attempts), worker_id=self._settings.instance, error=error, at_ms=now_ms())],
+            attempts=[
+                Attempt(attempt=max(1, attempts), worker_id=self._settings.instance, error=error, at_ms=now_ms())
+            ],
             dead_at_ms=now_ms(),
         )
         headers = {Header.MSG_ID: f"dlq-{work.call_id}", Header.CONTENT_TYPE: CONTENT_MSGPACK, **trace_headers()}

@@ -14,7 +14,8 @@ from shared.outcomes import now_ms
 
 def backoff_delay(attempt: int, backoff: BackoffConfig, rng: random.Random | None = None) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(max_s, base_s * 2^(attempt-1))]."""
-    ceiling = min(backoff.max_s, backoff.base_s * 2 ** max(0, attempt - 1))
+    doublings = min(max(0, attempt - 1), 64)  # beyond 2^64 any sane max_s has long been reached
+    ceiling = min(backoff.max_s, backoff.base_s * 2.0**doublings)
     return (rng or random).uniform(0, ceiling)
 
 

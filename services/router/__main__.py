@@ -1,7 +1,7 @@
 """`python -m services.router`: run one router replica."""
 
-from shared.service import common_args, common_parser, run_service
 from services.router.app import RouterService, RouterSettings
+from shared.service import common_args, common_parser, run_service
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 from prometheus_client import Counter, Histogram
 
+from services.router.decision import Decision, RoutingTable
 from shared.bus import PullConsumer, PullSettings, connect, ensure_consumer, header, provision_streams
 from shared.codec import pack
 from shared.config import Config
@@ -23,7 +24,6 @@ from shared.outcomes import Outcomes, error_response
 from shared.registry import Registry
 from shared.subjects import CONTENT_MSGPACK, DEFAULT_PREFIX, Header, Stream, Subjects
 from shared.telemetry import call_span, trace_headers
-from services.router.decision import Decision, RoutingTable
 
 log = structlog.get_logger(__name__)
 

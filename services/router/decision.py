@@ -10,12 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared.config import Config
-from shared.contracts import ToolCallRequest, ToolSpec, WorkItem
-from shared.contracts.jsonrpc import RequestId
-from shared.errors import CallRefused, DeadlineExceeded, ToolbusError, UnknownTool
-from shared.outcomes import now_ms
-from shared.subjects import Header
 from services.router.policy import authenticate, authorize, index_principals
 from services.router.validation import (
     ArgumentValidators,
@@ -25,6 +19,12 @@ from services.router.validation import (
     request_id_of,
     usable_reply_to,
 )
+from shared.config import Config
+from shared.contracts import ToolCallRequest, ToolSpec, WorkItem
+from shared.contracts.jsonrpc import RequestId
+from shared.errors import CallRefused, DeadlineExceeded, ToolbusError, UnknownTool
+from shared.outcomes import now_ms
+from shared.subjects import Header
 
 
 @dataclass
@@ -60,14 +60,15 @@ class RoutingTable:
         decision = Decision(call_id=call_id, reply_to=usable_reply_to(headers.get(Header.REPLY_TO)))
         try:
             self._route(decision, headers, body)
-        except CallRefused as refusal:
+        except (CallRefused, DeadlineExceeded) as refusal:
             decision.refusal = refusal
-        except DeadlineExceeded as expired:
-            decision.refusal = expired
+            if decision.request_id is None:
+                # Answer with the producer's id if it is readable. Only refusals pay this second
+                # parse; a body is at most NATS max_payload (1 MiB by default) long.
+                decision.request_id = request_id_of(body)
         return decision
 
     def _route(self, decision: Decision, headers: Mapping[str, str], body: bytes) -> None:
-        decision.request_id = request_id_of(body)
         request = parse_body(body, self.config.limits)
         decision.request_id, decision.tool = request.id, request.params.name
         ingress = parse_headers(headers, decision.call_id)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError
 from jsonschema.protocols import Validator
@@ -18,10 +19,14 @@ from shared.contracts import ToolCallRequest, ToolSpec
 from shared.errors import InvalidArguments, InvalidRequest, ParseError
 from shared.subjects import Header
 
-ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$", re.IGNORECASE)
-UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
-SUBJECT = re.compile(r"^[^\s*>]+$")
+# Patterns are used with fullmatch: `$` would also accept a trailing newline.
+ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}", re.IGNORECASE)
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+SUBJECT = re.compile(r"[^\s*>]+")
+EPOCH_MS = re.compile(r"[0-9]{1,16}")  # ASCII only: str.isdigit() accepts superscripts and other scripts' digits
 DEFAULT_PRIORITY = 2
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class IngressHeaders:
 
 def is_call_id(value: str) -> bool:
     """Call ids are ULIDs or UUIDs (v7 recommended): safe as a subject token, unique, sortable."""
-    return bool(ULID.match(value) or UUID.match(value))
+    return bool(ULID.fullmatch(value) or UUID.fullmatch(value))
 
 
 def parse_headers(headers: Mapping[str, str], call_id: str) -> IngressHeaders:
@@ -66,20 +71,20 @@ def _priority(raw: str | None) -> int:
 def _deadline(raw: str | None) -> int | None:
     if raw is None or raw == "":
         return None
-    if not raw.isdigit():
+    if not EPOCH_MS.fullmatch(raw):
         raise InvalidRequest(f"{Header.DEADLINE} must be epoch milliseconds, got {raw!r}")
     return int(raw)
 
 
 def _reply_to(raw: str | None) -> str | None:
-    if raw and not SUBJECT.match(raw):
+    if raw and not SUBJECT.fullmatch(raw):
         raise InvalidRequest(f"{Header.REPLY_TO} is not a publishable subject: {raw!r}")
     return raw or None
 
 
 def usable_reply_to(raw: str | None) -> str | None:
     """The reply subject if it is publishable, else None (used to answer malformed calls)."""
-    return raw if raw and SUBJECT.match(raw) else None
+    return raw if raw and SUBJECT.fullmatch(raw) else None
 
 
 def parse_body(body: bytes, limits: LimitsConfig) -> ToolCallRequest:
@@ -89,16 +94,46 @@ def parse_body(body: bytes, limits: LimitsConfig) -> ToolCallRequest:
             f"request body is {len(body)} bytes, the limit is {limits.max_body_bytes}",
             limit_bytes=limits.max_body_bytes,
         )
-    try:
-        decoded = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise ParseError(f"body is not valid JSON: {error}") from None
+    decoded = _decode_json(body, limits)
     if json_depth(decoded) > limits.max_depth:
         raise InvalidArguments(f"request nests deeper than {limits.max_depth} levels", max_depth=limits.max_depth)
     try:
         return ToolCallRequest.model_validate(decoded)
     except ValidationError as error:
         raise InvalidRequest(f"not a valid MCP tools/call request: {_first_problem(error)}") from None
+
+
+def _decode_json(body: bytes, limits: LimitsConfig) -> Any:
+    """Strict UTF-8 JSON (json.loads on bytes would also guess UTF-16/32), no lone surrogates."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ParseError(f"body is not valid UTF-8: {error}") from None
+    try:
+        decoded = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ParseError(f"body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidArguments(f"request nests deeper than {limits.max_depth} levels",
+                               max_depth=limits.max_depth) from None
+    if "\\u" in text and _has_lone_surrogate(decoded):
+        raise ParseError("body contains a \\u escape of a lone UTF-16 surrogate, which is not valid Unicode")
+    return decoded
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if any(0xD800 <= ord(ch) <= 0xDFFF for ch in node):
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def request_id_of(body: bytes) -> Any:
@@ -135,11 +170,21 @@ class ArgumentValidators:
         self._compiled: dict[tuple[str, int], Validator] = {}
 
     def validate(self, spec: ToolSpec, arguments: dict[str, Any]) -> None:
-        """Refuse arguments that fail the tool's inputSchema, naming the first failing path."""
-        error = next(iter(self._validator(spec).iter_errors(arguments)), None)
+        """Refuse arguments that fail the tool's inputSchema, naming the first failing path.
+
+        A schema the validator cannot evaluate (unknown type, bad regex) is the backend's bug:
+        the call goes through and the backend's own validation decides.
+        """
+        try:
+            error = next(iter(self._validator(spec).iter_errors(arguments)), None)
+        except Exception:  # noqa: BLE001  # jsonschema raises UnknownType, re.error, ... on broken schemas
+            log.warning("router.schema_unusable", tool=spec.public_name)
+            return
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-            raise InvalidArguments(f"arguments do not match {spec.public_name}'s inputSchema at {where}: {error.message}")
+            raise InvalidArguments(
+                f"arguments do not match {spec.public_name}'s inputSchema at {where}: {error.message}"
+            )
 
     def _validator(self, spec: ToolSpec) -> Validator:
         key = (spec.public_name, spec.registered_at_ms)
@@ -151,9 +196,9 @@ class ArgumentValidators:
 
 def compile_schema(schema: dict[str, Any]) -> Validator:
     """A validator for the schema's declared draft (2020-12 when it declares none)."""
-    cls = validators.validator_for(schema, default=Draft202012Validator)
     try:
+        cls = validators.validator_for(schema, default=Draft202012Validator)
         cls.check_schema(schema)
-    except SchemaError:
+    except (SchemaError, TypeError, KeyError):
         cls = Draft202012Validator  # a sloppy backend schema: validate what can be validated
     return cls(schema)

@@ -34,7 +34,7 @@ def up(
     if running is not None and _alive(running.pid):
         console.print(f"[red]a mesh (pid {running.pid}) already runs with data dir {data_dir}[/red]")
         raise typer.Exit(1)
-    asyncio.run(run_mesh(config, data_dir))
+    asyncio.run(run_mesh(config, data_dir.resolve()))
 
 
 async def run_mesh(config: Config, data_dir: Path) -> None:
@@ -43,7 +43,7 @@ async def run_mesh(config: Config, data_dir: Path) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    mesh = Mesh(config, data_dir.resolve())
+    mesh = Mesh(config, data_dir)
     try:
         with console.status("starting toolbus…"):
             info = await mesh.start()

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-RequestId = str | int
+RequestId = StrictStr | StrictInt
 """JSON-RPC request id as MCP allows it: a string or an integer, never null."""
 
 

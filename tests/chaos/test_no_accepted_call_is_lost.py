@@ -14,12 +14,14 @@ from pathlib import Path
 import nats
 import pytest
 import pytest_asyncio
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
+from services.router.app import RouterService, RouterSettings
 from shared.client import ToolbusClient
 from shared.config import Config
 from shared.embedded import NatsServer
 from shared.mesh import bootstrap
-from services.router.app import RouterService, RouterSettings
 from tests.conftest import ADMIN_KEY
 from tests.helpers import ServiceProcessHandle, eventually
 
@@ -38,7 +40,7 @@ async def router(nats_server: NatsServer, mesh_config: Config) -> AsyncIterator[
 async def test_executor_killed_mid_call_is_completed_by_its_successor(
     nats_server: NatsServer, router: RouterService, tmp_path: Path
 ) -> None:
-    """SIGKILL of the worker running a call: a restarted worker completes it and exactly one result is stored and sent."""
+    """A worker SIGKILLed mid-call: a restarted worker completes it and exactly one result is stored and sent."""
     first = ServiceProcessHandle("services.executor", nats_server.url, tmp_path / "executor-1.log")
     await first.wait_ready()
     nc = await nats.connect(nats_server.url)
@@ -56,7 +58,7 @@ async def test_executor_killed_mid_call_is_completed_by_its_successor(
 
             async def work_settled() -> bool:
                 info = await nc.jetstream().consumer_info("WORK", "pool-default")
-                return info.num_pending == 0 and info.num_ack_pending == 0
+                return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
             await eventually(work_settled, timeout=30)
             delivered = [json.loads(m.data) async for m in _drain(results)]
@@ -69,7 +71,7 @@ async def test_executor_killed_mid_call_is_completed_by_its_successor(
         await nc.close()
 
 
-async def _drain(subscription: nats.aio.subscription.Subscription) -> AsyncIterator[nats.aio.msg.Msg]:
+async def _drain(subscription: Subscription) -> AsyncIterator[Msg]:
     """Every message already delivered to a subscription, without waiting for more."""
     while True:
         try:

@@ -83,7 +83,8 @@ def test_up_writes_runtime_json(running_mesh: tuple[Path, dict[str, object]]) ->
 def test_call_prints_the_result(running_mesh: tuple[Path, dict[str, object]]) -> None:
     """`toolbus call` finds the mesh through runtime.json, parses key=value, prints the result."""
     data_dir, _ = running_mesh
-    called = toolbus("call", "demo__echo", "text=hello cli", "--data-dir", str(data_dir), env={"TOOLBUS_API_KEY": ADMIN_KEY})
+    env = {"TOOLBUS_API_KEY": ADMIN_KEY}
+    called = toolbus("call", "demo__echo", "text=hello cli", "--data-dir", str(data_dir), env=env)
     assert called.returncode == 0, called.stderr
     assert json.loads(called.stdout) == {"result": "hello cli"}
 

@@ -63,7 +63,7 @@ async def test_completed_call_is_not_executed_again(mesh: InProcessMesh) -> None
 
             async def work_drained() -> bool:
                 info = await nc.jetstream().consumer_info("WORK", "pool-default")
-                return info.num_pending == 0 and info.num_ack_pending == 0
+                return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
             await eventually(work_drained)
         finally:

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 
 from services.router import decision as decision_module
 from services.router.decision import Decision, RoutingTable
+from shared.codec import pack, unpack
 from shared.config import Config, hash_api_key
 from shared.contracts import ToolSpec, WorkItem
 from shared.errors import (
+    CallRefused,
     DeadlineExceeded,
     Forbidden,
     InvalidArguments,
@@ -32,6 +34,7 @@ pytestmark = pytest.mark.unit
 
 CALL_ID = "0190b8a4-3c1e-7d2a-9f00-1234567890ab"
 NOW_MS = 1_750_000_000_000
+UNUSED_REPO = Path("unused-git-repo")  # only named in the git server's args; nothing is started
 ECHO_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"text": {"type": "string"}},
@@ -54,7 +57,7 @@ CRASH = tool_spec("demo__crash", {"type": "object"})
 @pytest.fixture(scope="module")
 def config() -> Config:
     """The test mesh's config (nothing is started, so any repo path will do)."""
-    return make_config(Path("/tmp/repo"))
+    return make_config(UNUSED_REPO)
 
 
 @pytest.fixture
@@ -71,7 +74,7 @@ def body(tool: str = "demo__echo", arguments: Any = None, request_id: Any = 7, *
 
 def headers(key: str | None = ALICE_KEY, **extra: str) -> dict[str, str]:
     """Ingress headers with a bearer key (none when key is None) and any extra headers."""
-    result = {} if key is None else {Header.AUTHORIZATION: f"Bearer {key}"}
+    result: dict[str, str] = {} if key is None else {Header.AUTHORIZATION: f"Bearer {key}"}
     result.update(extra)
     return result
 
@@ -260,7 +263,8 @@ def test_forbidden_registered_and_unregistered_look_the_same(table: RoutingTable
     """Refusals of a registered and an unregistered forbidden tool differ only in the tool name."""
     registered = table.decide(headers(), body("demo__crash", {}), CALL_ID).refusal
     unregistered = table.decide(headers(), body("git__git_commit", {}), CALL_ID).refusal
-    assert registered is not None and unregistered is not None
+    assert registered is not None
+    assert unregistered is not None
     assert registered.to_jsonrpc(CALL_ID)["data"] == unregistered.to_jsonrpc(CALL_ID)["data"]
     assert registered.message.replace("demo__crash", "T") == unregistered.message.replace("git__git_commit", "T")
 
@@ -369,7 +373,7 @@ def test_sloppy_schema_is_refused_or_routed_not_raised(config: Config) -> None:
 
 
 HEADER_TEXT = st.text(max_size=20)
-SHARED_TABLE = RoutingTable(make_config(Path("/tmp/repo")), {ECHO.public_name: ECHO})
+SHARED_TABLE = RoutingTable(make_config(UNUSED_REPO), {ECHO.public_name: ECHO})
 
 
 @given(
@@ -384,3 +388,19 @@ def test_decide_never_raises(raw: bytes, call_id: str, priority: str, deadline: 
     hdrs = headers(**{Header.PRIORITY: priority, Header.DEADLINE: deadline, Header.REPLY_TO: reply_to})
     decision = SHARED_TABLE.decide(hdrs, raw, call_id)
     assert (decision.work is None) != (decision.refusal is None)
+
+
+def test_lone_surrogate_argument_is_refused_not_routed(table: RoutingTable) -> None:
+    """A string argument holding a lone UTF-16 surrogate (`\\ud800`) is refused, since no UTF-8 message can carry it."""
+    raw = body(arguments={"text": "\ud800"})  # json.dumps writes it as the ASCII escape \ud800
+    assert b"\\ud800" in raw
+    decision = table.decide(headers(), raw, CALL_ID)
+    assert decision.work is None
+    assert isinstance(decision.refusal, CallRefused)
+
+
+def test_every_routed_work_item_can_be_packed(table: RoutingTable) -> None:
+    """A work item the router accepts can be encoded for the WORK stream."""
+    decision = table.decide(headers(), body(arguments={"text": "héllo ✓ \U0001f600"}), CALL_ID)
+    assert decision.work is not None
+    assert unpack(WorkItem, pack(decision.work)) == decision.work
