@@ -526,16 +526,22 @@ def test_schema_declared_draft_is_honoured() -> None:
         ArgumentValidators().validate(spec(schema), {"n": 3})
 
 
-def test_validator_is_compiled_once_per_registration(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Validating many calls of one registered tool compiles its schema once and reuses the validator."""
-    compiled: list[dict[str, Any]] = []
+@pytest.fixture
+def compiled(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every schema `compile_schema` is asked to compile during the test, in order."""
+    schemas: list[dict[str, Any]] = []
     original = validation.compile_schema
 
     def counting(schema: dict[str, Any]) -> Validator:
-        compiled.append(schema)
+        schemas.append(schema)
         return original(schema)
 
     monkeypatch.setattr(validation, "compile_schema", counting)
+    return schemas
+
+
+def test_validator_is_compiled_once_per_registration(compiled: list[dict[str, Any]]) -> None:
+    """Validating many calls of one registered tool compiles its schema once and reuses the validator."""
     validators = ArgumentValidators()
     tool = spec(ECHO_SCHEMA, registered_at_ms=100)
     for n in range(5):
@@ -547,16 +553,8 @@ def test_validator_is_compiled_once_per_registration(monkeypatch: pytest.MonkeyP
     assert validators._validator(spec(ECHO_SCHEMA, registered_at_ms=100)) is first
 
 
-def test_re_registration_recompiles(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_re_registration_recompiles(compiled: list[dict[str, Any]]) -> None:
     """A tool registered again (new registered_at_ms) gets a freshly compiled validator for its new schema."""
-    compiled: list[dict[str, Any]] = []
-    original = validation.compile_schema
-
-    def counting(schema: dict[str, Any]) -> Validator:
-        compiled.append(schema)
-        return original(schema)
-
-    monkeypatch.setattr(validation, "compile_schema", counting)
     validators = ArgumentValidators()
     old = spec(ECHO_SCHEMA, registered_at_ms=100)
     validators.validate(old, {"text": "a"})
