@@ -236,6 +236,9 @@ class PoolConfig(BaseModel):
     workers: int = Field(default=1, ge=0, description="Executor processes.")
     concurrency: int = Field(default=16, ge=1, description="In-flight calls/worker.")
     timeout_s: float = Field(default=30, gt=0, description="Per-call timeout.")
+    starvation_share: float = Field(
+        default=0.1, gt=0, le=0.5, description="Share of starts taken from the lowest waiting priority."
+    )
     ack_wait_s: float = Field(
         default=10, ge=1, description="Redelivery after a silent worker; running calls heartbeat."
     )
@@ -260,6 +263,11 @@ class ServerConfig(BaseModel):
     cwd: _NonEmptyStr | None = None
     url: _NonEmptyStr | None = Field(default=None, description="http(s) endpoint.")
     headers: dict[str, str] = Field(default_factory=dict)
+    app: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="`module:attribute` of an MCPServer the executor runs in-process (no subprocess).",
+    )
     pool: str = DEFAULT_POOL
     prefix: str | None = Field(default=None, pattern=r"^[a-z0-9_-]*$")
 
@@ -280,20 +288,22 @@ class ServerConfig(BaseModel):
         return self
 
     def _transport_problems(self) -> Iterator[ConfigProblem]:
-        if (self.command is None) == (self.url is None):
-            yield ConfigProblem("", "exactly one of 'command' or 'url' must be set")
+        if [self.command, self.url, self.app].count(None) != 2:
+            yield ConfigProblem("", "exactly one of 'command', 'url' or 'app' must be set")
             return
         stdio_only = {"args": self.args, "env": self.env, "cwd": self.cwd}
         for name, value in stdio_only.items():
-            if value and self.url is not None:
+            if value and self.command is None:
                 yield ConfigProblem(name, "only allowed with 'command' (stdio servers)")
-        if self.headers and self.command is not None:
+        if self.headers and self.url is None:
             yield ConfigProblem("headers", "only allowed with 'url' (HTTP servers)")
 
     @property
-    def transport(self) -> Literal["stdio", "http"]:
-        """``"stdio"`` when the server is a command, ``"http"`` when it is a URL."""
-        return "stdio" if self.command is not None else "http"
+    def transport(self) -> Literal["stdio", "http", "inprocess"]:
+        """How the executor reaches the server: a subprocess, a URL, or an import inside itself."""
+        if self.command is not None:
+            return "stdio"
+        return "http" if self.url is not None else "inprocess"
 
     def tool_prefix(self, server_name: str) -> str:
         """The prefix of this server's public tool names ('' means none)."""

@@ -20,8 +20,8 @@ from nats.js.kv import KeyValue
 
 from shared.codec import dump_model_json
 from shared.config import Config, config_to_json, parse_config
-from shared.contracts import ToolSpec
-from shared.subjects import REGISTRY_BUCKET
+from shared.contracts import ToolSpec, WorkerBeat
+from shared.subjects import REGISTRY_BUCKET, WORKERS_BUCKET
 
 log = structlog.get_logger(__name__)
 
@@ -100,3 +100,41 @@ class Registry:
                 on_config(parse_config(json.loads(value), source=f"kv:{REGISTRY_BUCKET}/{CONFIG_KEY}"))
         except Exception:
             log.exception("registry.bad_entry", key=key)  # one bad entry must not stop the watch
+
+
+BEAT_TTL_S = 10.0  # a worker silent this long is gone from `toolbus status`
+BEAT_EVERY_S = 3.0
+
+
+class WorkerRoster:
+    """The `toolbus-workers` KV bucket: one expiring heartbeat entry per live worker."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, replicas: int = 1) -> WorkerRoster:
+        """Bind the bucket, creating it (memory storage, entries expire) when missing."""
+        try:
+            return cls(await js.key_value(WORKERS_BUCKET))
+        except BucketNotFoundError:
+            config = KeyValueConfig(bucket=WORKERS_BUCKET, history=1, ttl=BEAT_TTL_S,
+                                    storage=StorageType.MEMORY, replicas=replicas)
+            return cls(await js.create_key_value(config))
+
+    async def beat(self, beat: WorkerBeat) -> None:
+        await self._kv.put(f"{beat.pool}.{beat.instance}", dump_model_json(beat))
+
+    async def leave(self, pool: str, instance: str) -> None:
+        """Remove a stopping worker at once instead of waiting for its entry to expire."""
+        await self._kv.delete(f"{pool}.{instance}")
+
+    async def beats(self) -> list[WorkerBeat]:
+        """Every live worker's last heartbeat."""
+        try:
+            keys = await self._kv.keys()
+        except NoKeysError:
+            return []
+        entries = await asyncio.gather(*(self._kv.get(key) for key in keys), return_exceptions=True)
+        return [WorkerBeat.model_validate_json(e.value) for e in entries
+                if not isinstance(e, BaseException) and e.value]

@@ -26,6 +26,7 @@ class Stream(StrEnum):
 
 
 REGISTRY_BUCKET = "toolbus-registry"
+WORKERS_BUCKET = "toolbus-workers"  # worker heartbeats; entries expire when a worker stops beating
 
 
 class Header(StrEnum):
@@ -94,6 +95,10 @@ class Subjects:
     def progress(self, call_id: str) -> str:
         """Core-NATS subject progress notifications of one call are forwarded to."""
         return f"{self.prefix}.progress.{call_id}"
+
+    def mesh(self, verb: str) -> str:
+        """Core-NATS request subject a running `toolbus up` answers, e.g. `scale`."""
+        return f"{self.prefix}.mesh.{verb}"
 
     def stream_subjects(self, stream: Stream) -> list[str]:
         """The subjects each stream captures."""

@@ -79,7 +79,9 @@ def mesh_config(git_repo: Path) -> Config:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def mesh(nats_server: NatsServer, mesh_config: Config) -> AsyncIterator[InProcessMesh]:
+async def mesh(
+    nats_server: NatsServer, redis_server: RedisServer, mesh_config: Config
+) -> AsyncIterator[InProcessMesh]:
     """Router and one executor worker running in this process against the module's nats-server."""
-    async with InProcessMesh(nats_server.url, mesh_config) as running:
+    async with InProcessMesh(nats_server.url, mesh_config, redis_server.url) as running:
         yield running

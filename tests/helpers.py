@@ -12,6 +12,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+import nats
+
 from services.executor.app import ExecutorService, ExecutorSettings
 from services.router.app import RouterService, RouterSettings
 from shared.config import Config
@@ -23,13 +25,16 @@ T = TypeVar("T")
 class InProcessMesh:
     """Router + one executor per served pool, as asyncio tasks of the test's event loop."""
 
-    def __init__(self, nats_url: str, config: Config) -> None:
+    def __init__(self, nats_url: str, config: Config, redis_url: str, workers: int = 1) -> None:
         self.nats_url = nats_url
+        self.redis_url = redis_url
         self.config = config
         self.router = RouterService(RouterSettings(nats_url, config.prefix, instance="router-test"))
         pools = sorted({server.pool for server in config.servers.values()})
-        self.executors = [ExecutorService(ExecutorSettings(nats_url, pool, config.prefix, f"executor-{pool}-test"))
-                          for pool in pools]
+        self.executors = [
+            ExecutorService(ExecutorSettings(nats_url, pool, config.prefix, f"executor-{pool}-{n}", redis_url))
+            for pool in pools for n in range(1, workers + 1)
+        ]
 
     async def __aenter__(self) -> InProcessMesh:
         await bootstrap(self.nats_url, self.config)
@@ -40,6 +45,17 @@ class InProcessMesh:
     async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         await self.router.stop()
         await asyncio.gather(*(executor.stop() for executor in self.executors))
+
+
+async def work_settled(nats_url: str, pool: str = "default") -> bool:
+    """True when no call of the pool waits or runs (every priority's consumer is drained and acked)."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        infos = [await js.consumer_info("WORK", f"pool-{pool}-p{p}") for p in range(4)]
+    finally:
+        await nc.close()
+    return all(info.num_pending == 0 and info.num_ack_pending == 0 for info in infos)
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 10.0, interval: float = 0.05) -> T:

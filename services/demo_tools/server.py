@@ -1,14 +1,22 @@
 """The demo MCP server's tools, built on the SDK's `MCPServer` (formerly FastMCP).
 
-Every tool is deterministic except `flaky`, which is random by design, and `crash`, which
-kills the server process so the executor's restart and retry paths can be exercised.
+Every tool is deterministic except `flaky`, which is random by design, and `crash` and
+`fragile`, which kill the server process so the executor's restart, retry and breaker paths can
+be exercised.
+
+Execution record: when `TOOLBUS_DEMO_RECORD` names a file, every run of a tool appends one JSON
+line `{"tool", "call_id", "pid", "ts"}` to it (call_id from the request's `_meta`, where the
+executor puts it), so tests can count how often a tool really ran.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
+import time
+from typing import Any
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -21,19 +29,48 @@ app = MCPServer(
 )
 
 
+RECORD_ENV = "TOOLBUS_DEMO_RECORD"
+BROKEN_ENV = "TOOLBUS_DEMO_BROKEN_FILE"
+CALL_ID_META = "io.toolbus/call_id"
+
+
+def record(tool: str, ctx: Context | None) -> None:
+    """Append this run to the execution record, if one is configured."""
+    path = os.environ.get(RECORD_ENV)
+    if not path:
+        return
+    meta: Any = ctx.request_context.meta if ctx is not None else None
+    call_id = meta.get(CALL_ID_META) if isinstance(meta, dict) else None
+    line = json.dumps({"tool": tool, "call_id": call_id, "pid": os.getpid(), "ts": time.time()})
+    with open(path, "a", encoding="utf-8") as sink:  # O_APPEND: whole lines, even from several processes
+        sink.write(line + "\n")
+
+
 @app.tool()
-def echo(text: str) -> str:
+def echo(text: str, ctx: Context | None = None) -> str:
     """Return `text` unchanged."""
+    record("echo", ctx)
     return text
 
 
 @app.tool()
-async def sleep_ms(ms: int) -> str:
+async def sleep_ms(ms: int, ctx: Context | None = None) -> str:
     """Sleep for `ms` milliseconds (0..600000), then say how long it slept."""
     if not 0 <= ms <= 600_000:
         raise ToolError("ms must be between 0 and 600000")
+    record("sleep_ms", ctx)
     await asyncio.sleep(ms / 1000)
     return f"slept {ms} ms"
+
+
+@app.tool()
+def fragile(ctx: Context | None = None) -> str:
+    """Crash the server while the file named by TOOLBUS_DEMO_BROKEN_FILE exists; else answer ok."""
+    record("fragile", ctx)
+    broken = os.environ.get(BROKEN_ENV)
+    if broken and os.path.exists(broken):
+        os._exit(18)
+    return "ok"
 
 
 @app.tool()
@@ -78,6 +115,7 @@ def pid() -> int:
 
 
 @app.tool()
-def crash() -> str:
+def crash(ctx: Context | None = None) -> str:
     """Kill this server process at once, as a backend crash would."""
+    record("crash", ctx)
     os._exit(17)

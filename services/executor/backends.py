@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from mcp import Client
 from mcp.client import Transport
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
+from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED, CallToolResult, Tool
 
@@ -134,9 +136,11 @@ class Backend:
                 self._connected.clear()
                 self._client = None
 
-    async def _target(self, stack: contextlib.AsyncExitStack) -> StdioServerParameters | Transport:
-        """What the SDK client connects to: a subprocess, or an HTTP endpoint with our headers."""
+    async def _target(self, stack: contextlib.AsyncExitStack) -> StdioServerParameters | Transport | MCPServer:
+        """What the SDK client connects to: a subprocess, an HTTP endpoint with our headers, or an app."""
         config = self._config
+        if config.app is not None:
+            return load_app(config.app)
         if config.command is not None:
             return StdioServerParameters(
                 command=config.command, args=config.args, env=config.env or None, cwd=config.cwd
@@ -145,3 +149,16 @@ class Backend:
         timeout = httpx2.Timeout(30.0, read=300.0)
         http = await stack.enter_async_context(httpx2.AsyncClient(headers=config.headers, timeout=timeout))
         return streamable_http_client(config.url, http_client=http)
+
+
+def load_app(import_path: str) -> MCPServer:
+    """The MCPServer at `module:attribute`, served in-process (no subprocess, no pipes).
+
+    In-process suits trusted, well-behaved servers such as the demo tools: a tool that exits
+    the process (demo `crash`) takes the executor down with it.
+    """
+    module_name, _, attribute = import_path.partition(":")
+    app = getattr(importlib.import_module(module_name), attribute)
+    if not isinstance(app, MCPServer):
+        raise TypeError(f"{import_path} is a {type(app).__name__}, not an MCPServer")
+    return app

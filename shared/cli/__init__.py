@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from shared.cli import calls, config_cmd, demo, up
+from shared.cli import calls, config_cmd, demo, status, up
 
 app = typer.Typer(help="toolbus: MCP tool calls over NATS.", no_args_is_help=True, add_completion=False)
 app.command("up")(up.up)
 app.command("call")(calls.call)
 app.command("tools")(calls.tools)
 app.command("demo")(demo.demo)
+app.command("status")(status.status)
 config_app = typer.Typer(help="Validate configuration files.", no_args_is_help=True)
 config_app.command("check")(config_cmd.check)
 app.add_typer(config_app, name="config")

@@ -2,11 +2,20 @@
 
 from shared.contracts.events import CallStatus, Event, EventKind
 from shared.contracts.jsonrpc import ErrorData, JsonRpcError, ToolCallParams, ToolCallRequest, ToolCallResponse
-from shared.contracts.registry import RuntimeInfo, ServiceEndpoint, ToolSpec
+from shared.contracts.registry import (
+    BreakerView,
+    RuntimeInfo,
+    ScaleReply,
+    ScaleRequest,
+    ServiceEndpoint,
+    ToolSpec,
+    WorkerBeat,
+)
 from shared.contracts.work import Attempt, DeadLetter, WorkItem
 
 __all__ = [
     "Attempt",
+    "BreakerView",
     "CallStatus",
     "DeadLetter",
     "ErrorData",
@@ -14,10 +23,13 @@ __all__ = [
     "EventKind",
     "JsonRpcError",
     "RuntimeInfo",
+    "ScaleReply",
+    "ScaleRequest",
     "ServiceEndpoint",
     "ToolCallParams",
     "ToolCallRequest",
     "ToolCallResponse",
     "ToolSpec",
     "WorkItem",
+    "WorkerBeat",
 ]

@@ -31,6 +31,7 @@ from pydantic import BaseModel, TypeAdapter
 from shared import contracts
 from shared.contracts.events import CallStatus, Event, EventKind
 from shared.contracts.jsonrpc import ToolCallRequest, ToolCallResponse
+from shared.contracts.registry import ScaleRequest
 from shared.contracts.work import DeadLetter, WorkItem
 from shared.subjects import CONTENT_JSON, CONTENT_MSGPACK, DEFAULT_PREFIX, Header, Stream, Subjects
 
@@ -273,8 +274,19 @@ def _progress(s: Subjects) -> ChannelSpec:
     )
 
 
+def _mesh(s: Subjects) -> ChannelSpec:
+    return ChannelSpec(
+        key="mesh", address=s.mesh(_slot("verb")), message="ScaleRequest",
+        summary="Core-NATS requests to a running `toolbus up` (verb `scale`; reply: ScaleReply JSON).",
+        payload=_payload_ref(ScaleRequest), content_type=CONTENT_JSON,
+        parameters={"verb": _param("What to ask the mesh.", ["scale"])}, action="send",
+        operation="`toolbus scale POOL N` sends it; the `toolbus up` process changes the pool's local "
+        "worker processes and answers a ScaleReply.",
+    )
+
+
 CHANNELS: tuple[Callable[[Subjects], ChannelSpec], ...] = (
-    _call, _result, _work, _event, _dlq, _audit, _audit_checkpoint, _cancel, _progress,
+    _call, _result, _work, _event, _dlq, _audit, _audit_checkpoint, _cancel, _progress, _mesh,
 )
 
 

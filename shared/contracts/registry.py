@@ -45,3 +45,49 @@ class RuntimeInfo(BaseModel):
     pid: int
     prefix: str
     services: list[ServiceEndpoint] = Field(default_factory=list)
+
+
+class BreakerView(BaseModel):
+    """A backend's shared circuit breaker as one worker last read it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: str = Field(description="closed, open or half_open.")
+    failures: int = Field(description="Consecutive failures counted so far.")
+    retry_after_ms: int = Field(description="Until the next trial call, when open.")
+
+
+class WorkerBeat(BaseModel):
+    """A worker's heartbeat in KV bucket `toolbus-workers` (key `<pool>.<instance>`); it expires when beats stop."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instance: str
+    pool: str
+    pid: int
+    concurrency: int
+    in_flight: int
+    backends: dict[str, bool] = Field(description="Backend name → connected.")
+    breakers: dict[str, BreakerView] = Field(default_factory=dict, description="Backend name → shared breaker.")
+    started_at_ms: int
+    beat_at_ms: int
+
+
+class ScaleRequest(BaseModel):
+    """`toolbus scale POOL N`, sent to `toolbus.mesh.scale` (JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str
+    workers: int = Field(ge=0, le=64)
+
+
+class ScaleReply(BaseModel):
+    """The mesh's answer: how many workers the pool had and has now, or why it refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str
+    before: int
+    after: int
+    error: str | None = None

@@ -20,10 +20,10 @@ from nats.aio.subscription import Subscription
 from services.router.app import RouterService, RouterSettings
 from shared.client import ToolbusClient
 from shared.config import Config
-from shared.embedded import NatsServer
+from shared.embedded import NatsServer, RedisServer
 from shared.mesh import bootstrap
 from tests.conftest import ADMIN_KEY
-from tests.helpers import ServiceProcessHandle, eventually
+from tests.helpers import ServiceProcessHandle, eventually, work_settled
 
 pytestmark = [pytest.mark.chaos, pytest.mark.asyncio(loop_scope="module")]
 
@@ -38,10 +38,11 @@ async def router(nats_server: NatsServer, mesh_config: Config) -> AsyncIterator[
 
 
 async def test_executor_killed_mid_call_is_completed_by_its_successor(
-    nats_server: NatsServer, router: RouterService, tmp_path: Path
+    nats_server: NatsServer, redis_server: RedisServer, router: RouterService, tmp_path: Path
 ) -> None:
     """A worker SIGKILLed mid-call: a restarted worker completes it and exactly one result is stored and sent."""
-    first = ServiceProcessHandle("services.executor", nats_server.url, tmp_path / "executor-1.log")
+    first = ServiceProcessHandle("services.executor", nats_server.url, tmp_path / "executor-1.log",
+                                 "--redis-url", redis_server.url)
     await first.wait_ready()
     nc = await nats.connect(nats_server.url)
     started = await nc.subscribe("toolbus.evt.call.started")
@@ -51,16 +52,13 @@ async def test_executor_killed_mid_call_is_completed_by_its_successor(
             results = await nc.subscribe(f"toolbus.result.{call_id}")
             await started.next_msg(timeout=30)  # the first worker now holds the call
             first.kill()
-            second = ServiceProcessHandle("services.executor", nats_server.url, tmp_path / "executor-2.log")
+            second = ServiceProcessHandle("services.executor", nats_server.url, tmp_path / "executor-2.log",
+                                      "--redis-url", redis_server.url)
             await second.wait_ready()
             result = await client.wait_result(call_id, timeout_s=60)
             assert result.status.value == "ok" and result.text == "slept 1500 ms"
 
-            async def work_settled() -> bool:
-                info = await nc.jetstream().consumer_info("WORK", "pool-default")
-                return bool(info.num_pending == 0 and info.num_ack_pending == 0)
-
-            await eventually(work_settled, timeout=30)
+            await eventually(lambda: work_settled(nats_server.url), timeout=30)
             delivered = [json.loads(m.data) async for m in _drain(results)]
         assert len(delivered) == 1, delivered
         assert second.stop() == 0

@@ -8,7 +8,7 @@ import pytest
 
 from shared.client import ToolbusClient
 from shared.config import Config
-from shared.embedded import NatsServer
+from shared.embedded import NatsServer, RedisServer
 from shared.mesh import bootstrap
 from shared.telemetry import configure_tracing
 from tests.conftest import ALICE_KEY
@@ -18,12 +18,13 @@ pytestmark = [pytest.mark.e2e]
 
 
 async def test_router_and_executor_logs_share_call_and_trace_ids(
-    nats_server: NatsServer, mesh_config: Config, tmp_path: Path
+    nats_server: NatsServer, redis_server: RedisServer, mesh_config: Config, tmp_path: Path
 ) -> None:
     """The producer's trace continues through router and executor, and both log the call under its ids."""
     configure_tracing("e2e-producer")
     await bootstrap(nats_server.url, mesh_config)
-    executor = ServiceProcessHandle("services.executor", nats_server.url, tmp_path / "executor.log")
+    executor = ServiceProcessHandle("services.executor", nats_server.url, tmp_path / "executor.log",
+                                    "--redis-url", redis_server.url)
     router = ServiceProcessHandle("services.router", nats_server.url, tmp_path / "router.log")
     try:
         await executor.wait_ready()

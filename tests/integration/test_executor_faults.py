@@ -15,7 +15,7 @@ from shared.contracts import DeadLetter, WorkItem
 from shared.errors import CallFailed
 from shared.outcomes import now_ms
 from tests.conftest import ADMIN_KEY
-from tests.helpers import InProcessMesh, eventually
+from tests.helpers import InProcessMesh, eventually, work_settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -29,7 +29,7 @@ async def test_crashed_backend_is_restarted_and_later_calls_succeed(mesh: InProc
         second_pid = (await client.call("demo__pid")).structured_content["result"]
     assert echoed.text == "after the crash"
     assert second_pid != first_pid
-    assert mesh.executors[0]._backends["demo"].restarts >= 1
+    assert mesh.executors[0].worker.backends["demo"].restarts >= 1
 
 
 async def test_call_that_keeps_crashing_its_backend_is_dead_lettered(mesh: InProcessMesh) -> None:
@@ -61,11 +61,7 @@ async def test_completed_call_is_not_executed_again(mesh: InProcessMesh) -> None
             # Publishing the call again as crash: if it ran, the backend would die and restart.
             await nc.jetstream().publish("toolbus.work.default.2", pack(work))
 
-            async def work_drained() -> bool:
-                info = await nc.jetstream().consumer_info("WORK", "pool-default")
-                return bool(info.num_pending == 0 and info.num_ack_pending == 0)
-
-            await eventually(work_drained)
+            await eventually(lambda: work_settled(mesh.nats_url))
         finally:
             await nc.close()
         assert (await client.call("demo__pid")).structured_content["result"] == pid_before

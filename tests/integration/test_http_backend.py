@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from shared.client import ToolbusClient
 from shared.config import Config
-from shared.embedded import NatsServer
+from shared.embedded import NatsServer, RedisServer
 from shared.mesh import free_port
 from tests.conftest import ADMIN_KEY, make_config
 from tests.helpers import InProcessMesh, eventually
@@ -36,7 +36,9 @@ def http_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http_mesh(nats_server: NatsServer, git_repo: Path, http_backend: str) -> AsyncIterator[InProcessMesh]:
+async def http_mesh(
+    nats_server: NatsServer, redis_server: RedisServer, git_repo: Path, http_backend: str
+) -> AsyncIterator[InProcessMesh]:
     async def listening() -> bool:
         try:
             _reader, writer = await asyncio.open_connection("127.0.0.1", urlsplit(http_backend).port)
@@ -48,7 +50,7 @@ async def http_mesh(nats_server: NatsServer, git_repo: Path, http_backend: str) 
     await eventually(listening, timeout=30)
     base = make_config(git_repo).model_dump(mode="json")
     base["servers"] = {"remote": {"url": http_backend, "headers": {"X-Toolbus-Test": "yes"}, "prefix": "web"}}
-    async with InProcessMesh(nats_server.url, Config.model_validate(base)) as mesh:
+    async with InProcessMesh(nats_server.url, Config.model_validate(base), redis_server.url) as mesh:
         yield mesh
 
 

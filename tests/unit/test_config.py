@@ -193,7 +193,16 @@ def test_bad_subject_prefix_is_refused() -> None:
 def test_command_and_url_together_are_refused() -> None:
     """A server with both command and url is refused."""
     found = paths_of({"servers": {"s": {"command": "x", "url": "http://h/mcp"}}})
-    assert found == {"servers.s": "exactly one of 'command' or 'url' must be set"}
+    assert found == {"servers.s": "exactly one of 'command', 'url' or 'app' must be set"}
+
+
+def test_inprocess_app_is_a_third_transport() -> None:
+    """`app: module:attribute` selects the in-process transport and refuses stdio/http-only fields."""
+    config = parse_config({"servers": {"demo": {"app": "services.demo_tools.server:app"}}})
+    assert config.servers["demo"].transport == "inprocess"
+    found = paths_of({"servers": {"d": {"app": "m:a", "args": ["x"]}, "e": {"app": "not an import path"}}})
+    assert found["servers.d.args"] == "only allowed with 'command' (stdio servers)"
+    assert "servers.e.app" in found
 
 
 def test_transport_specific_fields_are_refused() -> None:

@@ -1,0 +1,285 @@
+"""One call's journey through a worker: answered already? → claimed → allowed → run → answered.
+
+The order of checks, each able to end the call without running the tool:
+
+1. a result is already stored (RESULTS) → ack;
+2. delivered more than `max_deliveries` times → dead letter;
+3. claim in Redis: held by a live worker → NAK later; done → ack; cancelled → answer `cancelled`;
+4. deadline passed → `deadline_exceeded`;
+5. the backend's shared breaker is open → `circuit_open`;
+
+then the tool runs under min(pool timeout, deadline), with in-progress acks and claim refreshes.
+Transient failures (backend down, pool timeout) are recorded, count against the breaker, and
+are NAKed with full-jitter backoff, or dead-lettered with their whole history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import structlog
+from mcp.shared.exceptions import MCPError
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.executor.backends import Backend, BackendUnavailable
+from services.executor.breaker import SharedBreaker
+from services.executor.execution import backoff_delay, success_response, time_budget_s
+from services.executor.ledger import CallLedger, ClaimOutcome
+from shared.codec import pack
+from shared.config import PoolConfig
+from shared.contracts import Attempt, CallStatus, DeadLetter, EventKind, ToolCallResponse, WorkItem
+from shared.errors import (
+    BackendError,
+    CallRefused,
+    Cancelled,
+    CircuitOpen,
+    DeadLettered,
+    DeadlineExceeded,
+    ToolbusError,
+)
+from shared.outcomes import Outcomes, error_response, now_ms
+from shared.subjects import CONTENT_MSGPACK, Header, Stream, Subjects
+from shared.telemetry import trace_headers
+
+log = structlog.get_logger(__name__)
+
+CALLS = Counter("toolbus_executor_calls_total", "Attempts finished by this worker", ["pool", "status"])
+CALL_SECONDS = Histogram("toolbus_executor_call_seconds", "Backend call duration", ["pool"])
+IN_FLIGHT = Gauge("toolbus_executor_in_flight", "Calls running in this worker", ["pool"])
+CALL_ID_META = "io.toolbus/call_id"  # lets a backend tell which bus call it is serving
+
+
+class TransientFailure(Exception):
+    """An attempt that may succeed if retried (backend down, pool timeout)."""
+
+
+@dataclass
+class Worker:
+    """What a worker process brings to every call it runs."""
+
+    instance: str
+    pool_name: str
+    pool: PoolConfig
+    subjects: Subjects
+    js: JetStreamContext
+    outcomes: Outcomes
+    ledger: CallLedger
+    backends: dict[str, Backend]
+    breakers: dict[str, SharedBreaker]
+    running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    cancel_requested: set[str] = field(default_factory=set)
+
+
+class CallRunner:
+    """Runs the calls a worker receives, one `handle` per message."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+
+    def cancel(self, call_id: str) -> bool:
+        """Cancel the call if it runs here; True if it did."""
+        task = self.w.running.get(call_id)
+        if task is None:
+            return False
+        self.w.cancel_requested.add(call_id)
+        task.cancel()
+        return True
+
+    async def handle(self, msg: Msg, work: WorkItem) -> None:
+        attempt = msg.metadata.num_delivered or 1
+        if await self._already_answered(work):
+            log.info("call.already_answered", attempt=attempt)
+            await msg.ack()
+        elif attempt > self.w.pool.max_deliveries:
+            await self._dead_letter(work, msg, attempt - 1, "delivered too often without finishing")
+        else:
+            await self._claimed(work, msg, attempt)
+
+    async def _claimed(self, work: WorkItem, msg: Msg, attempt: int) -> None:
+        outcome = await self.w.ledger.claim(work.call_id, self.w.instance)
+        if outcome is ClaimOutcome.HELD:
+            log.info("call.held_elsewhere", attempt=attempt)
+            await msg.nak(delay=self.w.pool.ack_wait_s)
+        elif outcome is ClaimOutcome.DONE:
+            await msg.ack()
+        elif outcome is ClaimOutcome.CANCELLED:
+            await self._finish(work, msg, Cancelled("cancelled before it ran"), 0.0)
+        else:
+            await self._run_claimed(work, msg, attempt)
+
+    async def _run_claimed(self, work: WorkItem, msg: Msg, attempt: int) -> None:
+        started = time.perf_counter()
+        try:
+            await self._admit(work)
+            await self.w.outcomes.emit(EventKind.CALL_STARTED, **event_fields(work), attempt=attempt)
+            answer: ToolCallResponse | ToolbusError = await self._run(work, msg)
+        except TransientFailure as failure:
+            await self._retry_or_dead_letter(work, msg, attempt, str(failure))
+            return
+        except ToolbusError as error:
+            answer = error
+        await self._finish(work, msg, answer, time.perf_counter() - started)
+
+    async def _admit(self, work: WorkItem) -> None:
+        """Refuse a call whose deadline passed or whose backend's breaker is open."""
+        budget_s, _ = time_budget_s(work, self.w.pool.timeout_s)
+        if budget_s <= 0:
+            raise DeadlineExceeded("the call's deadline passed before it could run")
+        breaker = self.w.breakers.get(work.server)
+        if breaker is not None:
+            transition = await breaker.before_call(work.call_id)
+            if transition is not None:
+                await self._report_breaker(transition.new.value, work, transition.failures)
+
+    async def _run(self, work: WorkItem, msg: Msg) -> ToolCallResponse:
+        """One attempt under the pool timeout or the call's deadline, whichever comes first."""
+        backend = self.w.backends.get(work.server)
+        if backend is None:
+            raise TransientFailure(f"this worker has no backend {work.server!r}")
+        budget_s, is_deadline = time_budget_s(work, self.w.pool.timeout_s)
+        meta = {**(work.meta or {}), CALL_ID_META: work.call_id}
+        try:
+            async with self._running(work, msg), asyncio.timeout(budget_s):
+                result = await backend.call_tool(work.tool, work.arguments, meta)
+        except TimeoutError:
+            if is_deadline:
+                raise DeadlineExceeded("the call's deadline passed while it ran") from None
+            await self._breaker_failure(work)
+            raise TransientFailure(f"timed out after {budget_s:.1f}s") from None
+        except BackendUnavailable as error:
+            await self._breaker_failure(work)
+            raise TransientFailure(str(error)) from error
+        except MCPError as error:
+            raise BackendError(f"backend error: {error.error.message}", backend_code=error.code) from error
+        await self._breaker_success(work)
+        return success_response(work, result)[0]
+
+    @contextlib.asynccontextmanager
+    async def _running(self, work: WorkItem, msg: Msg) -> AsyncIterator[None]:
+        """While the tool runs: cancellable by call id, in-progress acks, claim refreshes."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.w.running[work.call_id] = task
+        beat = asyncio.create_task(self._keep_alive(work, msg))
+        IN_FLIGHT.labels(self.w.pool_name).inc()
+        try:
+            yield
+        except asyncio.CancelledError:
+            if work.call_id not in self.w.cancel_requested:
+                raise  # the worker itself is shutting down
+            task.uncancel()
+            raise Cancelled("cancelled by the producer while it ran") from None
+        finally:
+            IN_FLIGHT.labels(self.w.pool_name).dec()
+            beat.cancel()
+            self.w.running.pop(work.call_id, None)
+            self.w.cancel_requested.discard(work.call_id)
+
+    async def _keep_alive(self, work: WorkItem, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.w.pool.ack_wait_s / 3)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+                await self.w.ledger.refresh(work.call_id, self.w.instance)
+
+    async def _finish(
+        self, work: WorkItem, msg: Msg, answer: ToolCallResponse | ToolbusError, seconds: float
+    ) -> None:
+        """Publish the final answer once, mark the call done, report it, ack."""
+        response, status = self._response(work, answer)
+        await self.w.outcomes.publish_result(work.call_id, response, status, work.reply_to)
+        await self.w.ledger.complete(work.call_id, self.w.instance)
+        await self.w.outcomes.emit(
+            _event_kind(status, answer), **event_fields(work), status=status,
+            reason=response.error.data.reason if response.error else None, duration_ms=round(seconds * 1000, 3),
+            detail={"latency_ms": now_ms() - work.accepted_at_ms},
+        )
+        await msg.ack()
+        CALLS.labels(self.w.pool_name, status.value).inc()
+        CALL_SECONDS.labels(self.w.pool_name).observe(seconds)
+        log.info("call.finished", status=status.value, tool=work.public_tool, duration_ms=round(seconds * 1000, 3))
+
+    @staticmethod
+    def _response(work: WorkItem, answer: ToolCallResponse | ToolbusError) -> tuple[ToolCallResponse, CallStatus]:
+        if isinstance(answer, ToolCallResponse):
+            is_error = bool((answer.result or {}).get("isError"))
+            return answer, CallStatus.TOOL_ERROR if is_error else CallStatus.OK
+        if isinstance(answer, DeadlineExceeded):
+            status = CallStatus.TIMEOUT
+        else:
+            status = CallStatus.REJECTED if isinstance(answer, CallRefused) else CallStatus.FAILED
+        return error_response(work.request_id, work.call_id, answer), status
+
+    async def _retry_or_dead_letter(self, work: WorkItem, msg: Msg, attempt: int, error: str) -> None:
+        record = Attempt(attempt=attempt, worker_id=self.w.instance, error=error, at_ms=now_ms())
+        await self.w.ledger.add_attempt(work.call_id, record)
+        if attempt >= self.w.pool.max_deliveries:
+            await self._dead_letter(work, msg, attempt, error)
+            return
+        await self.w.ledger.release(work.call_id, self.w.instance)
+        delay = backoff_delay(attempt, self.w.pool.backoff)
+        await self.w.outcomes.emit(EventKind.CALL_RETRIED, **event_fields(work), attempt=attempt, reason=error,
+                                   detail={"delay_s": round(delay, 3)})
+        await msg.nak(delay=delay)
+        CALLS.labels(self.w.pool_name, "retried").inc()
+        log.warning("call.retrying", attempt=attempt, error=error, delay_s=round(delay, 3))
+
+    async def _dead_letter(self, work: WorkItem, msg: Msg, attempts: int, error: str) -> None:
+        """Park the call in the DLQ with every attempt's failure and answer `dead_lettered`."""
+        history = await self.w.ledger.attempts(work.call_id)
+        record = DeadLetter(work=work, attempts=history, dead_at_ms=now_ms())
+        headers = {Header.MSG_ID: f"dlq-{work.call_id}-{len(history)}", Header.CALL_ID: work.call_id,
+                   Header.CONTENT_TYPE: CONTENT_MSGPACK, **trace_headers()}
+        await self.w.js.publish(self.w.subjects.dlq(work.pool), pack(record), headers=headers)
+        failure = DeadLettered(f"gave up after {attempts} attempts: {error}", attempts=attempts)
+        await self._finish(work, msg, failure, 0.0)
+        log.error("call.dead_lettered", attempts=attempts, error=error)
+
+    async def _already_answered(self, work: WorkItem) -> bool:
+        """A call whose result is already stored must not run again: redelivered after its worker
+        died between publishing and acking, or submitted again after CALLS' dedupe window."""
+        try:
+            await self.w.js.get_last_msg(Stream.RESULTS.value, self.w.subjects.result(work.call_id), direct=True)
+        except NotFoundError:
+            return False
+        return True
+
+    async def _breaker_failure(self, work: WorkItem) -> None:
+        breaker = self.w.breakers.get(work.server)
+        transition = await breaker.record_failure(work.call_id) if breaker else None
+        if transition is not None:
+            await self._report_breaker(transition.new.value, work, transition.failures)
+
+    async def _breaker_success(self, work: WorkItem) -> None:
+        breaker = self.w.breakers.get(work.server)
+        transition = await breaker.record_success(work.call_id) if breaker else None
+        if transition is not None:
+            await self._report_breaker(transition.new.value, work, transition.failures)
+
+    async def _report_breaker(self, state: str, work: WorkItem, failures: int) -> None:
+        kind = {"open": EventKind.BREAKER_OPENED, "half_open": EventKind.BREAKER_HALF_OPEN}.get(
+            state, EventKind.BREAKER_CLOSED
+        )
+        await self.w.outcomes.emit(kind, pool=work.pool, call_id=work.call_id,
+                                   detail={"backend": work.server, "failures": failures})
+        log.warning("breaker.changed", backend=work.server, state=state, failures=failures)
+
+
+def _event_kind(status: CallStatus, answer: ToolCallResponse | ToolbusError) -> EventKind:
+    if isinstance(answer, DeadLettered):
+        return EventKind.CALL_DEAD_LETTERED
+    if status in (CallStatus.OK, CallStatus.TOOL_ERROR):
+        return EventKind.CALL_COMPLETED
+    return EventKind.CALL_REJECTED if isinstance(answer, CircuitOpen) else EventKind.CALL_FAILED
+
+
+def event_fields(work: WorkItem) -> dict[str, str]:
+    """The fields every event about a call carries."""
+    return {"call_id": work.call_id, "principal": work.principal, "tool": work.public_tool, "pool": work.pool}
