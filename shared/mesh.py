@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from pydantic import ValidationError
 
 from shared.bus import connect, provision_streams
 from shared.config import Config
-from shared.contracts import RuntimeInfo, ServiceEndpoint
+from shared.contracts import RuntimeInfo, ScaleReply, ScaleRequest, ServiceEndpoint
 from shared.embedded import NatsServer, NatsServerSettings, RedisServer, RedisServerSettings
 from shared.registry import Registry
 from shared.subjects import Subjects
@@ -56,6 +59,7 @@ class ServiceProcess:
     name: str
     module: str
     extra_args: list[str] = field(default_factory=list)
+    pool: str | None = None  # set for executor workers
     http_port: int = field(default_factory=free_port)
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
@@ -75,7 +79,7 @@ def service_plan(config: Config) -> list[ServiceProcess]:
     served = {server.pool for server in config.servers.values()}
     for pool, pool_config in sorted(config.pools.items()):
         if pool in served:
-            plan += [ServiceProcess(f"executor-{pool}-{i}", "services.executor", ["--pool", pool])
+            plan += [ServiceProcess(f"executor-{pool}-{i}", "services.executor", ["--pool", pool], pool=pool)
                      for i in range(1, pool_config.workers + 1)]
     return plan
 
@@ -93,6 +97,8 @@ class Mesh:
         self.services = service_plan(config)
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
+        self._changed = asyncio.Event()
+        self._control: NatsClient | None = None
 
     @property
     def runtime_file(self) -> Path:
@@ -107,6 +113,7 @@ class Mesh:
             await self._spawn(service)
         await asyncio.gather(*(self._wait_ready(s) for s in self.services))
         self._supervisor = asyncio.create_task(self._supervise())
+        await self._serve_control()
         info = self.runtime_info()
         self.runtime_file.write_text(info.model_dump_json(indent=2))
         return info
@@ -114,6 +121,8 @@ class Mesh:
     async def stop(self) -> None:
         """Drain services (SIGTERM, bounded), then stop the servers; remove runtime.json."""
         self._stopping = True
+        if self._control is not None:
+            await self._control.close()
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -160,16 +169,61 @@ class Mesh:
     async def _supervise(self) -> None:
         """Restart any service process that dies on its own (bounded backoff)."""
         while not self._stopping:
+            self._changed.clear()
             waits = {asyncio.create_task(s.process.wait()): s for s in self.services if s.process}
-            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            changed = asyncio.create_task(self._changed.wait())
+            done, pending = await asyncio.wait([*waits, changed], return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
                 task.cancel()
-            for task in done:
-                service = waits[task]
-                service.restarts += 1
-                log.warning("mesh.service_died", service=service.name, code=task.result(), restarts=service.restarts)
-                await asyncio.sleep(min(0.2 * 2 ** min(service.restarts, 5), 5.0))
-                await self._spawn(service)
+            for task in done - {changed}:
+                await self._restart(waits[task], task.result())
+
+    async def _restart(self, service: ServiceProcess, code: int) -> None:
+        if service not in self.services or self._stopping:
+            return  # scaled down on purpose
+        service.restarts += 1
+        log.warning("mesh.service_died", service=service.name, code=code, restarts=service.restarts)
+        await asyncio.sleep(min(0.2 * 2 ** min(service.restarts, 5), 5.0))
+        await self._spawn(service)
+
+    async def scale(self, request: ScaleRequest) -> ScaleReply:
+        """Start or drain local worker processes of a pool until it has `request.workers`."""
+        if request.pool not in self.config.pools:
+            return ScaleReply(pool=request.pool, before=0, after=0, error=f"no pool named {request.pool!r}")
+        workers = [s for s in self.services if s.pool == request.pool]
+        before = len(workers)
+        if request.workers > before:
+            await self._add_workers(request.pool, request.workers - before, workers)
+        leaving = workers[request.workers:]
+        for service in leaving:
+            self.services.remove(service)
+        await asyncio.gather(*(self._terminate(service) for service in leaving))  # each drains first
+        self._changed.set()
+        log.info("mesh.scaled", pool=request.pool, before=before, after=request.workers)
+        return ScaleReply(pool=request.pool, before=before, after=request.workers)
+
+    async def _add_workers(self, pool: str, count: int, existing: list[ServiceProcess]) -> None:
+        taken = {s.name for s in self.services}
+        names = (f"executor-{pool}-{i}" for i in range(1, 1000) if f"executor-{pool}-{i}" not in taken)
+        added = [ServiceProcess(next(names), "services.executor", ["--pool", pool], pool=pool) for _ in range(count)]
+        self.services.extend(added)
+        for service in added:
+            await self._spawn(service)
+        await asyncio.gather(*(self._wait_ready(s) for s in added))
+
+    async def _serve_control(self) -> None:
+        """Answer `toolbus.mesh.scale` requests from `toolbus scale`."""
+        nc = await connect(self.nats_url, name="toolbus-mesh")
+        self._control = nc
+
+        async def on_scale(msg: Msg) -> None:
+            try:
+                reply = await self.scale(ScaleRequest.model_validate_json(msg.data))
+            except ValidationError as error:
+                reply = ScaleReply(pool="", before=0, after=0, error=str(error))
+            await msg.respond(reply.model_dump_json().encode())
+
+        await nc.subscribe(Subjects(self.config.prefix).mesh("scale"), cb=on_scale)
 
     @staticmethod
     async def _terminate(service: ServiceProcess) -> None:

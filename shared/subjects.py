@@ -39,6 +39,7 @@ class Header(StrEnum):
     DEADLINE = "Toolbus-Deadline"  # epoch milliseconds
     SESSION = "Toolbus-Session"  # context session id
     CALL_ID = "Toolbus-Call-Id"  # on results and work items
+    REPLAY = "Toolbus-Replay"  # on a work item re-published from the DLQ: the replay's id
     STATUS = "Toolbus-Status"  # on results: ok|tool_error|rejected|failed|timeout
     CONTENT_TYPE = "Content-Type"  # application/json for MCP payloads, msgpack for internals
     TRACEPARENT = "traceparent"  # W3C trace context

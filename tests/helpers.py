@@ -107,3 +107,10 @@ class ServiceProcessHandle:
         """SIGKILL: no drain, no cleanup, as a crash would."""
         self.process.kill()
         self.process.wait(timeout=10)
+
+
+def executions(record: Path) -> list[dict[str, object]]:
+    """The demo server's execution record: one entry per time a tool really ran."""
+    if not record.exists():
+        return []
+    return [json.loads(line) for line in record.read_text().splitlines() if line.strip()]

@@ -128,7 +128,7 @@ class ExecutorService:
         if self._redis is not None:
             await self._redis.aclose()
         if self._nc is not None:
-            await self._nc.drain()
+            await self._nc.close()  # consumers are already stopped and every publish was acked
 
     async def _make_worker(self, js: JetStreamContext, config: Config) -> Worker:
         pool = config.pools[self._settings.pool]

@@ -52,7 +52,8 @@ class Backend:
         self._broken = asyncio.Event()
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
-        self.restarts = 0
+        self.restarts = 0  # sessions restarted since start (for status and tests)
+        self._streak = 0  # restarts since the last successful call: sets the backoff
 
     async def start(self) -> None:
         """Start the session in the background; `wait_connected` tells when it is usable."""
@@ -91,7 +92,7 @@ class Backend:
         """Run one tool call; a broken session raises `BackendUnavailable` and triggers a restart."""
         client = await self.wait_connected(CONNECT_TIMEOUT_S)
         try:
-            return await client.call_tool(tool, arguments, meta=meta)  # type: ignore[arg-type]
+            result = await client.call_tool(tool, arguments, meta=meta)  # type: ignore[arg-type]
         except MCPError as error:
             if error.code == CONNECTION_CLOSED:
                 self._mark_broken(client)
@@ -100,6 +101,8 @@ class Backend:
         except (OSError, httpx2.TransportError) as error:
             self._mark_broken(client)
             raise BackendUnavailable(f"backend {self.name!r} transport error: {error}") from error
+        self._streak = 0
+        return result
 
     def _mark_broken(self, client: Client) -> None:
         if client is self._client:
@@ -114,8 +117,9 @@ class Backend:
                 log.warning("backend.session_failed", backend=self.name, error=repr(error))
             if self._stopping:
                 return
-            delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+            delay = RESTART_BACKOFF_S[min(self._streak, len(RESTART_BACKOFF_S) - 1)]
             self.restarts += 1
+            self._streak += 1
             log.info("backend.restarting", backend=self.name, restarts=self.restarts, delay_s=delay)
             await asyncio.sleep(delay)
 

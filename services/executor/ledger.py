@@ -91,6 +91,10 @@ class CallLedger:
         """Remember that the producer cancelled the call (for a day)."""
         await self._redis.set(self._key("cancelled", call_id), "1", ex=DAY_S)
 
+    async def begin_replay(self, call_id: str, replay_id: str) -> bool:
+        """True the first time a DLQ replay is seen: the caller then resets the call's state."""
+        return bool(await self._redis.set(self._key(f"replay:{replay_id}", call_id), "1", nx=True, ex=DAY_S))
+
     async def forget(self, call_id: str) -> None:
         """Drop the call's claim, attempts and cancel marker (a DLQ replay starts afresh)."""
         await self._redis.delete(*(self._key(kind, call_id) for kind in ("claim", "attempts", "cancelled")))

@@ -94,6 +94,9 @@ class CallRunner:
 
     async def handle(self, msg: Msg, work: WorkItem) -> None:
         attempt = msg.metadata.num_delivered or 1
+        replay_id = msg.headers.get(Header.REPLAY) if msg.headers else None
+        if replay_id and await self.w.ledger.begin_replay(work.call_id, replay_id):
+            await self._reset_for_replay(work)
         if await self._already_answered(work):
             log.info("call.already_answered", attempt=attempt)
             await msg.ack()
@@ -241,6 +244,15 @@ class CallRunner:
         failure = DeadLettered(f"gave up after {attempts} attempts: {error}", attempts=attempts)
         await self._finish(work, msg, failure, 0.0)
         log.error("call.dead_lettered", attempts=attempts, error=error)
+
+    async def _reset_for_replay(self, work: WorkItem) -> None:
+        """A DLQ replay runs the call afresh: drop its claim, history and dead-lettered result."""
+        await self.w.ledger.forget(work.call_id)
+        with contextlib.suppress(NotFoundError):
+            stored = await self.w.js.get_last_msg(Stream.RESULTS.value, self.w.subjects.result(work.call_id))
+            if stored.seq is not None:
+                await self.w.js.delete_msg(Stream.RESULTS.value, stored.seq)
+        log.info("call.replaying")
 
     async def _already_answered(self, work: WorkItem) -> bool:
         """A call whose result is already stored must not run again: redelivered after its worker

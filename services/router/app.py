@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 from prometheus_client import Counter, Histogram
 
@@ -30,6 +31,7 @@ log = structlog.get_logger(__name__)
 ROUTED = Counter("toolbus_router_calls_total", "Calls handled by the router", ["outcome", "reason"])
 ROUTE_SECONDS = Histogram("toolbus_router_route_seconds", "Time to route or refuse one call")
 DURABLE = "router"
+BACKLOG_EVERY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class RouterService:
         self._consumer: PullConsumer | None = None
         self._watch: asyncio.Task[None] | None = None
         self._outcomes: Outcomes | None = None
+        self._backlog_task: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -69,6 +72,7 @@ class RouterService:
         registry = await Registry.open(js, create=True)
         self._table = RoutingTable(await registry.get_config(), await registry.tools())
         self._watch = asyncio.create_task(registry.watch(self._on_tool, self._on_config))
+        self._backlog_task = asyncio.create_task(self._watch_backlog(js))
         self._outcomes = Outcomes(self._nc, js, self._subjects, source=self._settings.instance)
         await ensure_consumer(js, Stream.CALLS, ConsumerConfig(durable_name=DURABLE, ack_wait=self._settings.ack_wait_s,
                                                                 max_ack_pending=4 * self._settings.max_in_flight))
@@ -80,12 +84,23 @@ class RouterService:
         """Stop pulling, finish in-flight routing, disconnect."""
         if self._consumer is not None:
             await self._consumer.stop()
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, self._backlog_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._nc is not None:
-            await self._nc.drain()
+            await self._nc.close()  # consumers are already stopped and every publish was acked
+
+    async def _watch_backlog(self, js: JetStreamContext) -> None:
+        """Keep calls stored in WORK per pool (waiting or running) current for backpressure."""
+        assert self._table is not None
+        while True:
+            with contextlib.suppress(Exception):
+                counts = await work_backlog(js, self._subjects)
+                self._table.backlog.clear()
+                self._table.backlog.update(counts)
+            await asyncio.sleep(BACKLOG_EVERY_S)
 
     def _on_tool(self, spec: ToolSpec) -> None:
         assert self._table is not None
@@ -147,3 +162,13 @@ class RouterService:
         )
         ROUTED.labels("rejected", refusal.reason.value).inc()
         log.info("call.rejected", reason=refusal.reason.value, message=refusal.message, tool=decision.tool)
+
+
+async def work_backlog(js: JetStreamContext, subjects: Subjects) -> dict[str, int]:
+    """Messages stored in WORK per pool: one stream-info request with a subjects filter."""
+    info = await js.stream_info(Stream.WORK.value, subjects_filter=subjects.stream_subjects(Stream.WORK)[0])
+    per_pool: dict[str, int] = {}
+    for subject, count in (info.state.subjects or {}).items():
+        pool = subject.split(".")[-2]  # <prefix>.work.<pool>.<priority>
+        per_pool[pool] = per_pool.get(pool, 0) + count
+    return per_pool

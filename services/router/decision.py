@@ -2,7 +2,8 @@
 
 Order of checks: limits and parse → headers → authenticate → authorize (globs, so a caller
 learns nothing about tools it may not call) → tool exists → arguments match its inputSchema →
-deadline not passed. The first failure is the answer; nothing refused is ever executed.
+deadline not passed → the pool's backlog is under its bound. The first failure is the answer;
+nothing refused is ever executed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from services.router.validation import (
 from shared.config import Config
 from shared.contracts import ToolCallRequest, ToolSpec, WorkItem
 from shared.contracts.jsonrpc import RequestId
-from shared.errors import CallRefused, DeadlineExceeded, ToolbusError, UnknownTool
+from shared.errors import CallRefused, DeadlineExceeded, Overloaded, ToolbusError, UnknownTool
 from shared.outcomes import now_ms
 from shared.subjects import Header
 
@@ -47,13 +48,14 @@ class RoutingTable:
     config: Config
     tools: dict[str, ToolSpec] = field(default_factory=dict)
     validators: ArgumentValidators = field(default_factory=ArgumentValidators)
+    backlog: dict[str, int] = field(default_factory=dict)  # pool → calls waiting in WORK, refreshed by the app
 
     def __post_init__(self) -> None:
         self._principals = index_principals(self.config.principals)
 
     def with_config(self, config: Config) -> RoutingTable:
         """The same tools under a new config."""
-        return RoutingTable(config, self.tools, self.validators)
+        return RoutingTable(config, self.tools, self.validators, self.backlog)
 
     def decide(self, headers: Mapping[str, str], body: bytes, call_id: str) -> Decision:
         """Route or refuse one call; refusals are returned, never raised."""
@@ -81,7 +83,16 @@ class RoutingTable:
         self.validators.validate(spec, request.params.arguments)
         if ingress.deadline_ms is not None and ingress.deadline_ms <= now_ms():
             raise DeadlineExceeded("the call's deadline passed before it was routed")
+        self._check_backlog(spec.pool)
         decision.work = self._work_item(request, ingress, spec, principal.name)
+
+    def _check_backlog(self, pool: str) -> None:
+        """Backpressure: refuse rather than queue without bound when a pool is far behind."""
+        waiting = self.backlog.get(pool, 0)
+        pool_config = self.config.pools.get(pool)
+        if pool_config is not None and waiting >= pool_config.max_backlog:
+            raise Overloaded(f"pool {pool!r} has {waiting} calls waiting (bound {pool_config.max_backlog}); "
+                             "retry later", backlog=waiting, max_backlog=pool_config.max_backlog)
 
     @staticmethod
     def _work_item(request: ToolCallRequest, ingress: IngressHeaders, spec: ToolSpec, principal: str) -> WorkItem:

@@ -5,19 +5,21 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
+import nats
 import nats.errors
 import typer
+from nats.aio.client import Client as NatsClient
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from shared.bus import connect
 from shared.cli.common import DEFAULT_DATA_DIR, DataDir, NatsUrl, resolve_bus
 from shared.registry import RegistryNotReady
 from shared.status import MeshStatus, PoolStatus, collect_status
 from shared.subjects import Subjects
 
 EXIT_ERROR = 1
-STATUS_TIMEOUT_S = 10.0  # connect() retries forever; a status against a dead NATS must still end
+STATUS_TIMEOUT_S = 10.0  # a status against a NATS that accepts but never answers must still end
 
 console = Console()
 
@@ -32,7 +34,8 @@ def status(
     try:
         mesh = asyncio.run(_collect(url, prefix))
     except (RegistryNotReady, nats.errors.Error, TimeoutError) as error:
-        console.print(f"[red]cannot read the mesh status from {url}: {error or type(error).__name__}[/red]")
+        reason = str(error) or f"no answer within {STATUS_TIMEOUT_S:g}s"
+        console.print(f"[red]cannot read the mesh status from {escape(url)}: {escape(reason)}[/red]")
         raise typer.Exit(EXIT_ERROR) from None
     if as_json:
         print(mesh.model_dump_json(indent=2))
@@ -42,11 +45,25 @@ def status(
 
 async def _collect(url: str, prefix: str) -> MeshStatus:
     async with asyncio.timeout(STATUS_TIMEOUT_S):
-        nc = await connect(url, name="toolbus-cli")
+        nc = await _connect_once(url)
         try:
             return await collect_status(nc, Subjects(prefix))
         finally:
             await nc.close()
+
+
+async def _connect_once(url: str) -> NatsClient:
+    """Fail fast on a dead NATS: `shared.bus.connect` retries forever, right for services, not for a CLI.
+
+    nats-py quirks: `max_reconnect_attempts=0` retries forever too, and `allow_reconnect=False` still
+    waits 60 x 2 s on the initial connect; one attempt with a short wait ends in ~0.1 s.
+    """
+
+    async def quiet(_error: Exception) -> None:
+        return None  # the failure surfaces as NoServersError; per-attempt logs would only be noise
+
+    return await nats.connect(url, name="toolbus-status", connect_timeout=2, max_reconnect_attempts=1,
+                              reconnect_time_wait=0.1, error_cb=quiet)
 
 
 def _print_tables(mesh: MeshStatus) -> None:
