@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
 import nats
+import yaml
 
 from services.executor.app import ExecutorService, ExecutorSettings
 from services.router.app import RouterService, RouterSettings
@@ -114,3 +118,34 @@ def executions(record: Path) -> list[dict[str, object]]:
     if not record.exists():
         return []
     return [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+
+
+TOOLBUS = [sys.executable, "-c", "from shared.cli import main; main()"]
+
+
+def toolbus(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the `toolbus` command in a subprocess, capturing its output."""
+    return subprocess.run([*TOOLBUS, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, check=False)
+
+
+@contextlib.contextmanager
+def toolbus_up(root: Path, config: Mapping[str, object]) -> Iterator[tuple[Path, dict[str, object]]]:
+    """`toolbus up` in a subprocess on `config`; yields (data dir, runtime.json); SIGTERM must stop it cleanly."""
+    (root / "toolbus.yaml").write_text(yaml.safe_dump(dict(config)))
+    data_dir, output = root / "data", root / "up.log"
+    with output.open("w") as log_file:
+        up = subprocess.Popen([*TOOLBUS, "up", "--config", str(root / "toolbus.yaml"), "--data-dir", str(data_dir)],
+                              stdout=log_file, stderr=log_file)
+    runtime = data_dir / "runtime.json"
+    deadline = time.monotonic() + 90
+    while not runtime.exists():
+        assert up.poll() is None, output.read_text()
+        assert time.monotonic() < deadline, "toolbus up was not ready in 90 s"
+        time.sleep(0.1)  # polling a file another process writes; bounded by the deadline above
+    try:
+        yield data_dir, json.loads(runtime.read_text())
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=90) == 0, output.read_text()[-3000:]
+    assert not runtime.exists(), "runtime.json must be removed on exit"

@@ -4,54 +4,28 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from shared.config import hash_api_key
 from tests.conftest import ADMIN_KEY
+from tests.helpers import toolbus, toolbus_up
 
 pytestmark = [pytest.mark.e2e]
-
-TOOLBUS = [sys.executable, "-c", "from shared.cli import main; main()"]
-
-
-def toolbus(*args: str, env: dict[str, str] | None = None, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*TOOLBUS, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, check=False)
-
 
 @pytest.fixture(scope="module")
 def running_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, object]]]:
     """`toolbus up` in a subprocess with a demo-only config; yields (data dir, runtime.json)."""
-    root = tmp_path_factory.mktemp("up")
     config = {
         "servers": {"demo": {"command": sys.executable, "args": ["-m", "services.demo_tools"]}},
         "principals": [{"name": "admin", "key_sha256": hash_api_key(ADMIN_KEY), "roles": ["admin"]}],
         "roles": {"admin": {"allow": ["*"]}},
     }
-    (root / "toolbus.yaml").write_text(yaml.safe_dump(config))
-    data_dir = root / "data"
-    output = root / "up.log"
-    with output.open("w") as log_file:
-        up = subprocess.Popen([*TOOLBUS, "up", "--config", str(root / "toolbus.yaml"), "--data-dir", str(data_dir)],
-                              stdout=log_file, stderr=log_file)
-    runtime = data_dir / "runtime.json"
-    deadline = time.monotonic() + 90
-    while not runtime.exists():
-        assert up.poll() is None, output.read_text()
-        assert time.monotonic() < deadline, "toolbus up was not ready in 90 s"
-        time.sleep(0.1)  # polling a file another process writes; bounded by the deadline above
-    yield data_dir, json.loads(runtime.read_text())
-    up.send_signal(signal.SIGTERM)
-    assert up.wait(timeout=60) == 0
-    assert not runtime.exists(), "runtime.json must be removed on exit"
+    with toolbus_up(tmp_path_factory.mktemp("up"), config) as running:
+        yield running
 
 
 def test_config_check_names_the_bad_field(tmp_path: Path) -> None:
