@@ -79,7 +79,7 @@ async def _wait_ok(nats_url: str, call_id: str) -> str:
 
 def test_scale_up_adds_workers_and_scale_down_drains_in_flight_calls(mesh: Running) -> None:
     """`toolbus scale` starts a second worker (status sees it), and scaling to 0 lets running calls finish first."""
-    data_dir, runtime, root = mesh
+    data_dir, runtime, _root = mesh
     scaled = toolbus("scale", "default", "2", "--data-dir", str(data_dir))
     assert scaled.returncode == 0 and "1 → 2" in scaled.stdout, scaled.stdout + scaled.stderr
     status = cli(mesh, "status", "--json")
@@ -87,7 +87,7 @@ def test_scale_up_adds_workers_and_scale_down_drains_in_flight_calls(mesh: Runni
     pool = next(p for p in status["pools"] if p["pool"] == "default")  # type: ignore[attr-defined]
     assert pool["workers_alive"] == 2
     results = asyncio.run(_scale_to_zero_while_busy(str(runtime["nats_url"]), data_dir))
-    assert [r for r in results] == ["slept 1500 ms"] * 4
+    assert results == ["slept 1500 ms"] * 4
     assert toolbus("scale", "default", "1", "--data-dir", str(data_dir)).returncode == 0
 
 
