@@ -116,7 +116,7 @@ class PullSettings:
     durable: str
     max_in_flight: int = 64  # requested + being handled, at most
     expires_s: float = 30.0  # lifetime of one pull request on the server
-    heartbeat_s: float = 5.0  # idle heartbeat the server sends while a request waits
+    heartbeat_s: float = 2.0  # idle heartbeat the server sends while a request waits
 
 
 class PullConsumer:
@@ -137,6 +137,7 @@ class PullConsumer:
         self._sub: Subscription | None = None
         self._pump: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
+        self._reconnects = nc.stats["reconnects"]
 
     @property
     def in_flight(self) -> int:
@@ -188,7 +189,10 @@ class PullConsumer:
         self._last_seen = time.monotonic()
 
     def _forget_lost_requests(self) -> None:
-        """After two missed heartbeats (a reconnect, a restarted server) assume nothing is pending."""
+        """After a reconnect or two missed heartbeats (a restarted server) assume nothing is pending."""
+        reconnects = self._nc.stats["reconnects"]
+        if reconnects != self._reconnects:
+            self._reconnects, self._requested = reconnects, 0
         if self._requested and time.monotonic() - self._last_seen > 2 * self._settings.heartbeat_s:
             log.info("pull.requests_lost", durable=self._settings.durable, requested=self._requested)
             self._requested = 0

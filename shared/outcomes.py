@@ -83,4 +83,6 @@ class Outcomes:
 
     async def _publish_event(self, event: Event) -> None:
         headers = {Header.CONTENT_TYPE: CONTENT_MSGPACK, **trace_headers()}
+        if event.call_id:  # a publish retried after a lost PubAck is deduplicated by EVENTS
+            headers[Header.MSG_ID] = f"{event.kind.value}:{event.call_id}:{event.attempt or 0}:{self.source}"
         await self._js.publish(self._subjects.event(event.kind.value), pack(event), headers=headers)

@@ -26,6 +26,7 @@ from shared.subjects import REGISTRY_BUCKET, WORKERS_BUCKET
 log = structlog.get_logger(__name__)
 
 CONFIG_KEY = "config"
+STOP_WATCH_S = 2.0
 TOOL_KEY_PREFIX = "tools."
 
 
@@ -86,8 +87,8 @@ class Registry:
                     continue  # end of initial values, or a delete marker
                 self._dispatch(entry.key, entry.value, on_tool, on_config)
         finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+            with contextlib.suppress(Exception):  # bounded: nats-py's stop can hang on a busy connection
+                await asyncio.wait_for(watcher.stop(), STOP_WATCH_S)  # type: ignore[no-untyped-call]
 
     @staticmethod
     def _dispatch(

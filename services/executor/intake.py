@@ -39,6 +39,7 @@ log = structlog.get_logger(__name__)
 
 PROBE_TIMEOUT_S = 2.0  # a no_wait request is answered at once; longer means the connection is down
 BUSY_BACKOFF_S = 0.05  # pause when the server refuses pulls (409, e.g. max ack pending reached)
+RECONNECT_CHECK_S = 1.0  # how often an idle worker looks for a reconnect that dropped its requests
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class PriorityIntake:
         self._starts = 0
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
+        self._reconnects = nc.stats["reconnects"]
 
     @property
     def in_flight(self) -> int:
@@ -152,12 +154,21 @@ class PriorityIntake:
 
     async def _run(self) -> None:
         while not self._stopping:
+            self._forget_requests_after_reconnect()
             self._start_ready()
             free = self._settings.concurrency - len(self._running) - self._ready_count()
             if free > 0 and not await self._probe(free) and not self._ready_count():
                 await self._park(refused=any(level.refused for level in self._levels))
             elif free <= 0:
                 await self._wait_change()
+
+    def _forget_requests_after_reconnect(self) -> None:
+        """Pull requests do not survive a reconnect (a restarted server forgets them)."""
+        reconnects = self._nc.stats["reconnects"]
+        if reconnects != self._reconnects:
+            self._reconnects = reconnects
+            for level in self._levels:
+                level.closed()
 
     def _start_ready(self) -> None:
         """Start handlers for delivered messages while slots are free, in turn order."""
@@ -202,7 +213,7 @@ class PriorityIntake:
         for level in self._levels:
             if not level.is_open:
                 await self._request(level, {"batch": 1, "expires": int(expires * 1e9)}, expires + 1)
-        await self._wait_change(timeout=expires)
+        await self._wait_change(timeout=min(expires, RECONNECT_CHECK_S))
 
     async def _request(self, level: _Level, body: dict[str, object], lifetime_s: float) -> None:
         assert level.sub is not None

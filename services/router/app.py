@@ -32,6 +32,7 @@ ROUTED = Counter("toolbus_router_calls_total", "Calls handled by the router", ["
 ROUTE_SECONDS = Histogram("toolbus_router_route_seconds", "Time to route or refuse one call")
 DURABLE = "router"
 BACKLOG_EVERY_S = 0.5
+STOP_TASKS_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,11 @@ class RouterService:
         """Stop pulling, finish in-flight routing, disconnect."""
         if self._consumer is not None:
             await self._consumer.stop()
-        for task in (self._watch, self._backlog_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = {task for task in (self._watch, self._backlog_task) if task is not None}
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_TASKS_S)
         if self._nc is not None:
             await self._nc.close()  # consumers are already stopped and every publish was acked
 
