@@ -36,7 +36,9 @@ contracts: $(STAMP)
 	$(BIN)/python -m shared.contracts.generate
 
 bench: $(STAMP)
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.whole_path
+	$(BIN)/python -m bench.pools
 
 clean:
 	rm -rf $(VENV) .toolbus .mypy_cache .ruff_cache

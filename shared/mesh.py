@@ -172,9 +172,11 @@ class Mesh:
             self._changed.clear()
             waits = {asyncio.create_task(s.process.wait()): s for s in self.services if s.process}
             changed = asyncio.create_task(self._changed.wait())
-            done, pending = await asyncio.wait([*waits, changed], return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
+            try:
+                done, _ = await asyncio.wait([*waits, changed], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in [*waits, changed]:
+                    task.cancel()
             for task in done - {changed}:
                 await self._restart(waits[task], task.result())
 

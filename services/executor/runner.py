@@ -97,16 +97,19 @@ class CallRunner:
         replay_id = msg.headers.get(Header.REPLAY) if msg.headers else None
         if replay_id and await self.w.ledger.begin_replay(work.call_id, replay_id):
             await self._reset_for_replay(work)
-        if await self._already_answered(work):
+        # Both lookups at once: one round trip to NATS and one to Redis, in parallel.
+        answered, outcome = await asyncio.gather(
+            self._already_answered(work), self.w.ledger.claim(work.call_id, self.w.instance)
+        )
+        if answered:
             log.info("call.already_answered", attempt=attempt)
             await msg.ack()
         elif attempt > self.w.pool.max_deliveries:
             await self._dead_letter(work, msg, attempt - 1, "delivered too often without finishing")
         else:
-            await self._claimed(work, msg, attempt)
+            await self._claimed(work, msg, attempt, outcome)
 
-    async def _claimed(self, work: WorkItem, msg: Msg, attempt: int) -> None:
-        outcome = await self.w.ledger.claim(work.call_id, self.w.instance)
+    async def _claimed(self, work: WorkItem, msg: Msg, attempt: int, outcome: ClaimOutcome) -> None:
         if outcome is ClaimOutcome.HELD:
             log.info("call.held_elsewhere", attempt=attempt)
             await msg.nak(delay=self.w.pool.ack_wait_s)
@@ -121,8 +124,8 @@ class CallRunner:
         started = time.perf_counter()
         try:
             await self._admit(work)
-            await self.w.outcomes.emit(EventKind.CALL_STARTED, **event_fields(work), attempt=attempt)
-            answer: ToolCallResponse | ToolbusError = await self._run(work, msg)
+            started_event = self.w.outcomes.emit(EventKind.CALL_STARTED, **event_fields(work), attempt=attempt)
+            answer: ToolCallResponse | ToolbusError = (await asyncio.gather(started_event, self._run(work, msg)))[1]
         except TransientFailure as failure:
             await self._retry_or_dead_letter(work, msg, attempt, str(failure))
             return
@@ -198,11 +201,13 @@ class CallRunner:
         """Publish the final answer once, mark the call done, report it, ack."""
         response, status = self._response(work, answer)
         await self.w.outcomes.publish_result(work.call_id, response, status, work.reply_to)
-        await self.w.ledger.complete(work.call_id, self.w.instance)
-        await self.w.outcomes.emit(
-            _event_kind(status, answer), **event_fields(work), status=status,
-            reason=response.error.data.reason if response.error else None, duration_ms=round(seconds * 1000, 3),
-            detail={"latency_ms": now_ms() - work.accepted_at_ms},
+        await asyncio.gather(
+            self.w.ledger.complete(work.call_id, self.w.instance),
+            self.w.outcomes.emit(
+                _event_kind(status, answer), **event_fields(work), status=status,
+                reason=response.error.data.reason if response.error else None,
+                duration_ms=round(seconds * 1000, 3), detail={"latency_ms": now_ms() - work.accepted_at_ms},
+            ),
         )
         await msg.ack()
         CALLS.labels(self.w.pool_name, status.value).inc()

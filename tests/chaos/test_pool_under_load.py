@@ -19,6 +19,7 @@ from pathlib import Path
 import nats
 import pytest
 import pytest_asyncio
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from services.router.app import RouterService, RouterSettings
@@ -73,7 +74,7 @@ async def submit_all(client: ToolbusClient) -> list[str]:
     return list(await asyncio.gather(*(client.submit("demo__sleep_ms", {"ms": SLEEP_MS}) for _ in range(CALLS))))
 
 
-async def check_exactly_once(client: ToolbusClient, nc: nats.NATS, calls: list[str], record: Path) -> None:
+async def check_exactly_once(client: ToolbusClient, nc: NatsClient, calls: list[str], record: Path) -> None:
     """Every call has one stored ok result, and none of its executions started after that result."""
     results = await asyncio.gather(*(client.wait_result(c, timeout_s=120) for c in calls))
     assert Counter(r.status.value for r in results) == {"ok": CALLS}
