@@ -74,8 +74,9 @@ def fragile(ctx: Context | None = None) -> str:
 
 
 @app.tool()
-def fail(message: str = "failed on purpose") -> str:
+def fail(message: str = "failed on purpose", ctx: Context | None = None) -> str:
     """Always fail with `message`, as a tool error (`isError: true`)."""
+    record("fail", ctx)
     raise ToolError(message)
 
 

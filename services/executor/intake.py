@@ -9,12 +9,14 @@ Each priority level 0..3 of a pool has its own durable pull consumer on WORK. Th
 So under a sustained priority-0 flood, lower levels still get at least one start in `period`,
 and when nothing lower waits, a starvation turn simply takes the highest level.
 
-How messages are fetched: for a free slot the worker asks the levels in turn order with
-`no_wait` pull requests (batch = free slots) and takes from the first that has messages; each
-request is one round trip, answered at once. When every level is empty it parks one lingering
-`batch=1` request per level (expires after `idle_expires_s`) so a new call at any level wakes
-it without polling. At most one request per level is open at a time, so at most
-`concurrency + levels` messages are ever delivered to a worker and not yet started.
+How messages are fetched: for a free slot the worker asks the levels in turn order with a
+`no_wait` pull request (batch = free slots, answered at once) and takes from the first that has
+messages. A level found empty gets a lingering `batch=1` request instead (expiring after
+`idle_expires_s`), and is skipped while that request is open: a new call there is delivered
+at once and starts at the next free slot, without the worker asking again. So under steady
+load a refill costs one round trip, however many higher levels are empty, and at most one
+request per level is open at a time: at most `concurrency + levels` messages are ever
+delivered to a worker and not yet started.
 """
 
 from __future__ import annotations
@@ -197,7 +199,14 @@ class PriorityIntake:
                 await asyncio.wait_for(level.settled.wait(), PROBE_TIMEOUT_S)
             if level.ready:
                 return True
+            if not level.refused:
+                await self._linger(level)
         return False
+
+    async def _linger(self, level: _Level) -> None:
+        """Leave a `batch=1` request open on an empty level: its next call is delivered at once."""
+        expires = self._settings.idle_expires_s
+        await self._request(level, {"batch": 1, "expires": int(expires * 1e9)}, expires + 1)
 
     def _starvation_turn_next(self) -> bool:
         return (self._starts + 1) % self._settings.starvation_period == 0
@@ -209,11 +218,10 @@ class PriorityIntake:
                 await asyncio.wait_for(self._changed.wait(), BUSY_BACKOFF_S)
             self._changed.clear()
             return
-        expires = self._settings.idle_expires_s
         for level in self._levels:
             if not level.is_open:
-                await self._request(level, {"batch": 1, "expires": int(expires * 1e9)}, expires + 1)
-        await self._wait_change(timeout=min(expires, RECONNECT_CHECK_S))
+                await self._linger(level)
+        await self._wait_change(timeout=min(self._settings.idle_expires_s, RECONNECT_CHECK_S))
 
     async def _request(self, level: _Level, body: dict[str, object], lifetime_s: float) -> None:
         assert level.sub is not None

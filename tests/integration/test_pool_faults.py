@@ -71,6 +71,23 @@ async def test_expired_deadline_is_never_executed(pool: InProcessMesh, demo_stat
     assert runs_of(demo_state, call_id) == 0
 
 
+async def test_tool_error_is_final_and_runs_once(pool: InProcessMesh, demo_state: Path) -> None:
+    """A tool's own isError result is answered as tool_error and never retried."""
+    async with ToolbusClient(pool.nats_url, ADMIN_KEY) as client:
+        result = await client.call("demo__fail", {"message": "mine"})
+    assert result.status.value == "tool_error"
+    assert runs_of(demo_state, result.call_id) == 1
+
+
+async def test_call_longer_than_ack_wait_is_not_redelivered(pool: InProcessMesh, demo_state: Path) -> None:
+    """In-progress acks keep a call that outlives AckWait (2 s here) on its worker: it runs once."""
+    assert pool.config.pools["default"].ack_wait_s == 2
+    async with ToolbusClient(pool.nats_url, ADMIN_KEY) as client:
+        result = await client.call("demo__sleep_ms", {"ms": 5000})
+    assert result.text == "slept 5000 ms"
+    assert runs_of(demo_state, result.call_id) == 1
+
+
 async def test_cancelling_a_running_call_stops_it(pool: InProcessMesh, demo_state: Path) -> None:
     """A publish to toolbus.cancel.<call_id> ends a running call with -32800 long before it would finish."""
     async with ToolbusClient(pool.nats_url, ADMIN_KEY) as client:
