@@ -200,6 +200,15 @@ class ToolbusClient:
             headers[Header.SESSION] = session
         return headers
 
+    async def cancel(self, call_id: str) -> None:
+        """Ask the mesh to cancel a call: a running call is stopped, a waiting one never runs.
+
+        The call still ends with one final result, `cancelled` (-32800), unless it finished first.
+        """
+        nc = self._connected()
+        await nc.publish(self._subjects.cancel(call_id), b"")
+        await nc.flush()
+
     async def fetch_result(self, call_id: str) -> CallResult | None:
         """The stored result of a call (e.g. after a reconnect), or None if it has none yet."""
         try:

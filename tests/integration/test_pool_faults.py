@@ -94,12 +94,7 @@ async def test_cancelling_a_running_call_stops_it(pool: InProcessMesh, demo_stat
         started = time.monotonic()
         call_id = await client.submit("demo__sleep_ms", {"ms": 30_000})
         await eventually(lambda: _ran(demo_state, call_id), timeout=20)
-        nc = await nats.connect(pool.nats_url)
-        try:
-            await nc.publish(f"toolbus.cancel.{call_id}", b"")
-            await nc.flush()
-        finally:
-            await nc.close()
+        await client.cancel(call_id)
         result = await client.wait_result(call_id, timeout_s=20)
     assert result.response.error is not None and result.response.error.code == -32800
     assert result.status.value == "failed"

@@ -10,7 +10,6 @@ import statistics
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import nats
 import pytest
 import pytest_asyncio
 
@@ -74,12 +73,7 @@ async def test_cancelled_waiting_call_never_runs(single_slot: InProcessMesh, rec
         blocker = await client.submit("demo__sleep_ms", {"ms": 1000})
         await eventually(lambda: _has(record, blocker), timeout=20)
         waiting = await client.submit("demo__echo", {"text": "never"})
-        nc = await nats.connect(single_slot.nats_url)
-        try:
-            await nc.publish(f"toolbus.cancel.{waiting}", b"")
-            await nc.flush()
-        finally:
-            await nc.close()
+        await client.cancel(waiting)
         result = await client.wait_result(waiting, timeout_s=30)
     assert result.response.error is not None and result.response.error.code == -32800
     assert waiting not in await started_ids(record)
