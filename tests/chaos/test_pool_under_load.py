@@ -1,4 +1,4 @@
-"""Under load, neither a SIGKILLed worker nor a restarted nats-server loses or re-runs a completed call.
+"""Under load, no SIGKILLed worker or router, restarted nats-server or redis-server loses or re-runs a call.
 
 DESIGN.md §8: "No accepted call is lost … every accepted call gets exactly one final result" and
 "A completed call is never executed again on redelivery". 600 calls run on two worker processes;
@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from services.router.app import RouterService, RouterSettings
 from shared.client import ToolbusClient
 from shared.config import Config
-from shared.embedded import NatsServer, NatsServerSettings, RedisServer
+from shared.embedded import NatsServer, NatsServerSettings, RedisServer, RedisServerSettings
 from shared.mesh import bootstrap
 from tests.conftest import ADMIN_KEY, make_config
 from tests.helpers import ServiceProcessHandle, eventually, executions
@@ -130,6 +130,67 @@ async def test_nats_restart_under_load_loses_and_repeats_nothing(
             await check_exactly_once(client, nc, calls, record)
         finally:
             await nc.close()
+
+
+@pytest.fixture
+def redis_fresh(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone (AOF), so it can be restarted."""
+    server = RedisServer(RedisServerSettings(data_dir=tmp_path / "redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_router_sigkill_under_load_loses_nothing(
+    nats_fresh: NatsServer, redis_fresh: RedisServer, git_repo: Path, tmp_path: Path
+) -> None:
+    """600 calls, the router process SIGKILLed mid-run and started again: each call gets one ok result."""
+    record = tmp_path / "record.jsonl"
+    await bootstrap(nats_fresh.url, load_config(git_repo, record))
+    worker = ServiceProcessHandle("services.executor", nats_fresh.url, tmp_path / "worker.log",
+                                  "--redis-url", redis_fresh.url)
+    router = ServiceProcessHandle("services.router", nats_fresh.url, tmp_path / "router-1.log")
+    await asyncio.gather(worker.wait_ready(), router.wait_ready())
+    try:
+        async with ToolbusClient(nats_fresh.url, ADMIN_KEY) as client:
+            calls = await submit_all(client)
+            await eventually(lambda: _ran_at_least(record, CALLS // 4), timeout=60)
+            router.kill()
+            router = ServiceProcessHandle("services.router", nats_fresh.url, tmp_path / "router-2.log")
+            await router.wait_ready()
+            nc = await nats.connect(nats_fresh.url)
+            try:
+                await check_exactly_once(client, nc, calls, record)
+            finally:
+                await nc.close()
+    finally:
+        assert router.stop() == 0 and worker.stop() == 0
+
+
+async def test_redis_restart_under_load_loses_and_repeats_nothing(
+    nats_fresh: NatsServer, redis_fresh: RedisServer, git_repo: Path, tmp_path: Path
+) -> None:
+    """600 calls, redis-server restarted mid-run: claims recover, each call gets one ok result, none re-runs."""
+    record = tmp_path / "record.jsonl"
+    await bootstrap(nats_fresh.url, load_config(git_repo, record))
+    workers = [ServiceProcessHandle("services.executor", nats_fresh.url, tmp_path / f"worker-{n}.log",
+                                    "--redis-url", redis_fresh.url, "--instance", f"worker-{n}") for n in (1, 2)]
+    await asyncio.gather(*(w.wait_ready() for w in workers))
+    router = RouterService(RouterSettings(nats_fresh.url, instance="router-redis-chaos"))
+    await router.start()
+    try:
+        async with ToolbusClient(nats_fresh.url, ADMIN_KEY) as client:
+            calls = await submit_all(client)
+            await eventually(lambda: _ran_at_least(record, CALLS // 4), timeout=60)
+            await asyncio.to_thread(redis_fresh.restart)
+            nc = await nats.connect(nats_fresh.url)
+            try:
+                await check_exactly_once(client, nc, calls, record)
+            finally:
+                await nc.close()
+    finally:
+        await router.stop()
+        assert all(w.stop() == 0 for w in workers)
 
 
 async def _ran_at_least(record: Path, count: int) -> bool:
