@@ -41,6 +41,11 @@ DEDUPE_WINDOW_S = 120.0
 JS_API = "$JS.API"
 
 
+def servers_of(url: str) -> list[str]:
+    """`nats://a:4222,nats://b:4222` → both: a URL may name every node of a cluster."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 async def connect(url: str, name: str) -> NatsClient:
     """Connect with reconnects that never give up: a broker restart must not kill a service."""
 
@@ -48,7 +53,7 @@ async def connect(url: str, name: str) -> NatsClient:
         log.warning("nats.error", error=str(error))
 
     return await nats.connect(
-        url,
+        servers_of(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,

@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NoStreamResponseError, NotFoundError
 from pydantic import SecretStr
 
+from shared.bus import servers_of
 from shared.codec import dump_json
 from shared.contracts import CallStatus, ToolCallResponse
 from shared.errors import CallFailed
@@ -119,7 +120,7 @@ class ToolbusClient:
 
     async def connect(self) -> None:
         """Connect to NATS and subscribe this client's reply inbox."""
-        self._nc = await nats.connect(self._url, name=self._name, max_reconnect_attempts=-1)
+        self._nc = await nats.connect(servers_of(self._url), name=self._name, max_reconnect_attempts=-1)
         self._inbox = self._nc.new_inbox()
         await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_reply)
 

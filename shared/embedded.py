@@ -67,6 +67,17 @@ class NatsServerSettings:
     host: str = "127.0.0.1"
     jetstream: bool = True
     http_port: int | None = None
+    name: str = "toolbus-embedded"  # unique per node of a cluster
+    cluster: ClusterSettings | None = None
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Membership of a local nats-server cluster (tests of node loss; production uses real nodes)."""
+
+    name: str
+    port: int  # this node's route port
+    routes: tuple[int, ...]  # route ports of every node, this one included
 
 
 @dataclass(frozen=True)
@@ -359,9 +370,13 @@ class NatsServer(_ServerProcess):
     def _command(self, port: int) -> list[str]:
         """Command line: explicit flags only, no config file to keep in sync."""
         s = self.settings
-        argv = [_nats_binary(), "-a", s.host, "-p", str(port), "-n", "toolbus-embedded"]
+        argv = [_nats_binary(), "-a", s.host, "-p", str(port), "-n", s.name]
         if s.jetstream:
             argv += ["-js", "-sd", str(s.data_dir / "nats")]
+        if s.cluster is not None:
+            routes = ",".join(f"nats://{s.host}:{p}" for p in s.cluster.routes if p != s.cluster.port)
+            argv += ["--cluster_name", s.cluster.name, "--cluster", f"nats://{s.host}:{s.cluster.port}",
+                     "--routes", routes]
         if s.http_port is not None:
             argv += ["--http_port", str(s.http_port)]
         return [*argv, "-l", str(self._log_path)]

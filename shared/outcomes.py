@@ -8,8 +8,9 @@ from typing import Any
 
 import structlog
 from nats.aio.client import Client as NatsClient
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavailableError
 
 from shared.codec import dump_model_json, pack
 from shared.contracts import CallStatus, Event, EventKind, JsonRpcError, ToolCallResponse
@@ -21,6 +22,7 @@ from shared.telemetry import current_trace_id, trace_headers
 log = structlog.get_logger(__name__)
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream's "wrong last sequence" API error code
+PUBLISH_RETRY_S = 20.0  # longer than a JetStream leader election, shorter than AckWait matters
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 
 
@@ -54,8 +56,8 @@ class Outcomes:
         payload = dump_model_json(response)
         headers = self._result_headers(call_id, status)
         try:
-            await self._js.publish(
-                self._subjects.result(call_id), payload, headers={**headers, EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}
+            await self._publish(
+                self._subjects.result(call_id), payload, {**headers, EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}
             )
         except BadRequestError as error:
             if error.err_code != WRONG_LAST_SEQUENCE:
@@ -85,4 +87,22 @@ class Outcomes:
         headers = {Header.CONTENT_TYPE: CONTENT_MSGPACK, **trace_headers()}
         if event.call_id:  # a publish retried after a lost PubAck is deduplicated by EVENTS
             headers[Header.MSG_ID] = f"{event.kind.value}:{event.call_id}:{event.attempt or 0}:{self.source}"
-        await self._js.publish(self._subjects.event(event.kind.value), pack(event), headers=headers)
+        await self._publish(self._subjects.event(event.kind.value), pack(event), headers)
+
+    async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        """A JetStream publish that rides out a stream leader election or a reconnect.
+
+        Retrying in place (bounded) means a finished tool call is not run again just because
+        its result could not be stored for a moment; the headers (expected sequence, message
+        id) make a retry of a publish that did land harmless.
+        """
+        delay = 0.05
+        async with asyncio.timeout(PUBLISH_RETRY_S):
+            while True:
+                try:
+                    await self._js.publish(subject, payload, headers=headers)
+                    return
+                except (NoStreamResponseError, NatsTimeoutError, ServiceUnavailableError) as error:
+                    log.warning("publish.retrying", subject=subject, error=type(error).__name__)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)

@@ -101,9 +101,9 @@ class ExecutorService:
         """Connect, start the pool's backends, register their tools, start taking calls."""
         self._nc = await connect(self._settings.nats_url, name=self._settings.instance)
         js = self._nc.jetstream()
-        await provision_streams(js, self._subjects)
         registry = await Registry.open(js, create=True)
         config = await registry.get_config()
+        await provision_streams(js, self._subjects, replicas=config.nats.replicas)  # never downgrade R3 to R1
         self._worker = await self._make_worker(js, config)
         self._runner = CallRunner(self._worker)
         await self._start_backends(config, registry)

@@ -121,17 +121,32 @@ class CallRunner:
             await self._run_claimed(work, msg, attempt)
 
     async def _run_claimed(self, work: WorkItem, msg: Msg, attempt: int) -> None:
+        """Admit, run and answer a claimed call, keeping message and claim alive until the ack."""
         started = time.perf_counter()
+        async with self._kept_alive(work, msg):
+            try:
+                await self._admit(work)
+                started_event = self.w.outcomes.emit(EventKind.CALL_STARTED, **event_fields(work), attempt=attempt)
+                answer: ToolCallResponse | ToolbusError = (
+                    await asyncio.gather(started_event, self._run(work))
+                )[1]
+            except TransientFailure as failure:
+                await self._retry_or_dead_letter(work, msg, attempt, str(failure))
+                return
+            except ToolbusError as error:
+                answer = error
+            await self._finish(work, msg, answer, time.perf_counter() - started)
+
+    @contextlib.asynccontextmanager
+    async def _kept_alive(self, work: WorkItem, msg: Msg) -> AsyncIterator[None]:
+        """In-progress acks and claim refreshes for as long as the call is ours: through the tool
+        run *and* through storing its result (which may wait out a stream leader election), so no
+        other worker takes it over meanwhile."""
+        beat = asyncio.create_task(self._keep_alive(work, msg))
         try:
-            await self._admit(work)
-            started_event = self.w.outcomes.emit(EventKind.CALL_STARTED, **event_fields(work), attempt=attempt)
-            answer: ToolCallResponse | ToolbusError = (await asyncio.gather(started_event, self._run(work, msg)))[1]
-        except TransientFailure as failure:
-            await self._retry_or_dead_letter(work, msg, attempt, str(failure))
-            return
-        except ToolbusError as error:
-            answer = error
-        await self._finish(work, msg, answer, time.perf_counter() - started)
+            yield
+        finally:
+            beat.cancel()
 
     async def _admit(self, work: WorkItem) -> None:
         """Refuse a call whose deadline passed or whose backend's breaker is open."""
@@ -144,7 +159,7 @@ class CallRunner:
             if transition is not None:
                 await self._report_breaker(transition.new.value, work, transition.failures)
 
-    async def _run(self, work: WorkItem, msg: Msg) -> ToolCallResponse:
+    async def _run(self, work: WorkItem) -> ToolCallResponse:
         """One attempt under the pool timeout or the call's deadline, whichever comes first."""
         backend = self.w.backends.get(work.server)
         if backend is None:
@@ -152,7 +167,7 @@ class CallRunner:
         budget_s, is_deadline = time_budget_s(work, self.w.pool.timeout_s)
         meta = {**(work.meta or {}), CALL_ID_META: work.call_id}
         try:
-            async with self._running(work, msg), asyncio.timeout(budget_s):
+            async with self._running(work), asyncio.timeout(budget_s):
                 result = await backend.call_tool(work.tool, work.arguments, meta)
         except TimeoutError:
             if is_deadline:
@@ -168,12 +183,11 @@ class CallRunner:
         return success_response(work, result)[0]
 
     @contextlib.asynccontextmanager
-    async def _running(self, work: WorkItem, msg: Msg) -> AsyncIterator[None]:
-        """While the tool runs: cancellable by call id, in-progress acks, claim refreshes."""
+    async def _running(self, work: WorkItem) -> AsyncIterator[None]:
+        """While the tool runs: cancellable by call id, counted as in flight."""
         task = asyncio.current_task()
         assert task is not None
         self.w.running[work.call_id] = task
-        beat = asyncio.create_task(self._keep_alive(work, msg))
         IN_FLIGHT.labels(self.w.pool_name).inc()
         try:
             yield
@@ -184,7 +198,6 @@ class CallRunner:
             raise Cancelled("cancelled by the producer while it ran") from None
         finally:
             IN_FLIGHT.labels(self.w.pool_name).dec()
-            beat.cancel()
             self.w.running.pop(work.call_id, None)
             self.w.cancel_requested.discard(work.call_id)
 

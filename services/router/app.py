@@ -69,9 +69,10 @@ class RouterService:
         """Connect, load config and tools, then start consuming."""
         self._nc = await connect(self._settings.nats_url, name=self._settings.instance)
         js = self._nc.jetstream()
-        await provision_streams(js, self._subjects)
         registry = await Registry.open(js, create=True)
-        self._table = RoutingTable(await registry.get_config(), await registry.tools())
+        config = await registry.get_config()
+        await provision_streams(js, self._subjects, replicas=config.nats.replicas)  # never downgrade R3 to R1
+        self._table = RoutingTable(config, await registry.tools())
         self._watch = asyncio.create_task(registry.watch(self._on_tool, self._on_config))
         self._backlog_task = asyncio.create_task(self._watch_backlog(js))
         self._outcomes = Outcomes(self._nc, js, self._subjects, source=self._settings.instance)
