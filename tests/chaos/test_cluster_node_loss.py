@@ -14,12 +14,10 @@ from pathlib import Path
 import nats
 import pytest
 
-from shared.client import ToolbusClient
 from shared.config import Config
 from shared.embedded import ClusterSettings, NatsServer, NatsServerSettings, RedisServer
 from shared.mesh import bootstrap, free_port
-from tests.chaos.test_pool_under_load import CALLS, _ran_at_least, check_exactly_once, load_config, submit_all
-from tests.conftest import ADMIN_KEY
+from tests.chaos.test_pool_under_load import load_config, load_with_fault
 from tests.helpers import ServiceProcessHandle, eventually
 
 pytestmark = [pytest.mark.chaos]
@@ -82,16 +80,9 @@ async def test_losing_the_work_leader_node_under_load_loses_nothing(
     try:
         await asyncio.gather(*(s.wait_ready() for s in services))
         leader = await work_leader(url)
-        async with ToolbusClient(url, ADMIN_KEY) as client:
-            calls = await submit_all(client)
-            await eventually(lambda: _ran_at_least(record, CALLS // 4), timeout=60)
-            next(node for node in cluster if node.settings.name == leader).kill()
-            survivors = ",".join(node.url for node in cluster if node.settings.name != leader)
-            nc = await nats.connect(survivors.split(","))
-            try:
-                await check_exactly_once(client, nc, calls, record)
-            finally:
-                await nc.close()
+        doomed = next(node for node in cluster if node.settings.name == leader)
+        survivors = ",".join(node.url for node in cluster if node is not doomed)
+        await load_with_fault(url, record, lambda: asyncio.to_thread(doomed.kill), check_url=survivors)
     finally:
         assert all(s.stop() == 0 for s in services)
 

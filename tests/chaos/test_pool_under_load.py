@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -89,6 +89,22 @@ async def check_exactly_once(client: ToolbusClient, nc: NatsClient, calls: list[
     assert late == [], f"{len(late)} executions started after their call's result was stored"
 
 
+async def load_with_fault(
+    url: str, record: Path, fault: Callable[[], Awaitable[object]], check_url: str | None = None
+) -> list[str]:
+    """Accept CALLS calls, inject `fault` once a quarter of them ran, then check each is answered once."""
+    async with ToolbusClient(url, ADMIN_KEY) as client:
+        calls = await submit_all(client)
+        await eventually(lambda: _ran_at_least(record, CALLS // 4), timeout=60)
+        await fault()
+        nc = await nats.connect((check_url or url).split(","))
+        try:
+            await check_exactly_once(client, nc, calls, record)
+        finally:
+            await nc.close()
+    return calls
+
+
 async def test_sigkill_of_one_worker_under_load_loses_and_repeats_nothing(
     nats_fresh: NatsServer, two_workers: tuple[RouterService, list[ServiceProcessHandle], Path]
 ) -> None:
@@ -121,15 +137,7 @@ async def test_nats_restart_under_load_loses_and_repeats_nothing(
 ) -> None:
     """600 calls, nats-server restarted mid-run (file store): each call gets exactly one ok result."""
     _router, _workers, record = two_workers
-    async with ToolbusClient(nats_fresh.url, ADMIN_KEY) as client:
-        calls = await submit_all(client)
-        await eventually(lambda: _ran_at_least(record, CALLS // 4), timeout=60)
-        await asyncio.to_thread(nats_fresh.restart)
-        nc = await nats.connect(nats_fresh.url)
-        try:
-            await check_exactly_once(client, nc, calls, record)
-        finally:
-            await nc.close()
+    await load_with_fault(nats_fresh.url, record, lambda: asyncio.to_thread(nats_fresh.restart))
 
 
 @pytest.fixture
@@ -151,20 +159,17 @@ async def test_router_sigkill_under_load_loses_nothing(
                                   "--redis-url", redis_fresh.url)
     router = ServiceProcessHandle("services.router", nats_fresh.url, tmp_path / "router-1.log")
     await asyncio.gather(worker.wait_ready(), router.wait_ready())
+    routers = [router]
+
+    async def replace_router() -> None:
+        routers[-1].kill()
+        routers.append(ServiceProcessHandle("services.router", nats_fresh.url, tmp_path / "router-2.log"))
+        await routers[-1].wait_ready()
+
     try:
-        async with ToolbusClient(nats_fresh.url, ADMIN_KEY) as client:
-            calls = await submit_all(client)
-            await eventually(lambda: _ran_at_least(record, CALLS // 4), timeout=60)
-            router.kill()
-            router = ServiceProcessHandle("services.router", nats_fresh.url, tmp_path / "router-2.log")
-            await router.wait_ready()
-            nc = await nats.connect(nats_fresh.url)
-            try:
-                await check_exactly_once(client, nc, calls, record)
-            finally:
-                await nc.close()
+        await load_with_fault(nats_fresh.url, record, replace_router)
     finally:
-        assert router.stop() == 0 and worker.stop() == 0
+        assert routers[-1].stop() == 0 and worker.stop() == 0
 
 
 async def test_redis_restart_under_load_loses_and_repeats_nothing(
@@ -179,15 +184,7 @@ async def test_redis_restart_under_load_loses_and_repeats_nothing(
     router = RouterService(RouterSettings(nats_fresh.url, instance="router-redis-chaos"))
     await router.start()
     try:
-        async with ToolbusClient(nats_fresh.url, ADMIN_KEY) as client:
-            calls = await submit_all(client)
-            await eventually(lambda: _ran_at_least(record, CALLS // 4), timeout=60)
-            await asyncio.to_thread(redis_fresh.restart)
-            nc = await nats.connect(nats_fresh.url)
-            try:
-                await check_exactly_once(client, nc, calls, record)
-            finally:
-                await nc.close()
+        await load_with_fault(nats_fresh.url, record, lambda: asyncio.to_thread(redis_fresh.restart))
     finally:
         await router.stop()
         assert all(w.stop() == 0 for w in workers)
