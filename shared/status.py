@@ -29,7 +29,7 @@ from shared.codec import unpack
 from shared.config import Config, PoolConfig
 from shared.contracts import Event, EventKind, WorkerBeat
 from shared.registry import Registry, WorkerRoster
-from shared.subjects import WORKERS_BUCKET, Stream, Subjects
+from shared.subjects import WORKERS_BUCKET, Stream, Subjects, work_durable
 
 log = structlog.get_logger(__name__)
 
@@ -39,11 +39,6 @@ MIN_WINDOW_S = 1.0  # a brand-new EVENTS stream must not turn three calls into a
 EVENTS_READ_TIMEOUT_S = 2.0  # a busy mesh gets a partial sample rather than a slow status
 FETCH_BATCH = 512
 FINAL_EVENTS = (EventKind.CALL_COMPLETED, EventKind.CALL_FAILED, EventKind.CALL_DEAD_LETTERED)
-
-
-def work_durable(pool: str, priority: int) -> str:
-    """Name of the durable WORK consumer a pool's workers share for one priority."""
-    return f"pool-{pool}-p{priority}"
 
 
 class PriorityStatus(BaseModel):

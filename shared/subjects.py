@@ -50,6 +50,11 @@ CONTENT_JSON = "application/json"
 CONTENT_MSGPACK = "application/msgpack"
 
 
+def work_durable(pool: str, priority: int) -> str:
+    """The durable WORK consumer one priority level of a pool uses, shared by all its workers."""
+    return f"pool-{pool}-p{priority}"
+
+
 @dataclass(frozen=True)
 class Subjects:
     """Subject names under one prefix (`toolbus` unless configured otherwise)."""

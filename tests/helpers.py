@@ -22,6 +22,7 @@ from services.executor.app import ExecutorService, ExecutorSettings
 from services.router.app import RouterService, RouterSettings
 from shared.config import Config
 from shared.mesh import bootstrap, free_port, http_ok
+from shared.subjects import work_durable
 
 T = TypeVar("T")
 
@@ -56,7 +57,7 @@ async def work_settled(nats_url: str, pool: str = "default") -> bool:
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
-        infos = [await js.consumer_info("WORK", f"pool-{pool}-p{p}") for p in range(4)]
+        infos = [await js.consumer_info("WORK", work_durable(pool, p)) for p in range(4)]
     finally:
         await nc.close()
     return all(info.num_pending == 0 and info.num_ack_pending == 0 for info in infos)

@@ -35,7 +35,7 @@ from shared.config import Config, PoolConfig
 from shared.contracts import BreakerView, ToolSpec, WorkerBeat, WorkItem
 from shared.outcomes import Outcomes, now_ms
 from shared.registry import BEAT_EVERY_S, Registry, WorkerRoster
-from shared.subjects import DEFAULT_PREFIX, Stream, Subjects
+from shared.subjects import DEFAULT_PREFIX, Stream, Subjects, work_durable
 from shared.telemetry import call_span
 
 log = structlog.get_logger(__name__)
@@ -64,11 +64,6 @@ def redis_client(url: str) -> Redis:
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5)
     return Redis.from_url(url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2, retry=retry,
                           retry_on_error=[RedisConnectionError, RedisTimeoutError])
-
-
-def durable_name(pool: str, priority: int) -> str:
-    """The durable consumer of one priority level of a pool, shared by all its workers."""
-    return f"pool-{pool}-p{priority}"
 
 
 class ExecutorService:
@@ -185,7 +180,7 @@ class ExecutorService:
             await ensure_consumer(self.worker.js, Stream.WORK, self._consumer_config(pool, priority))
         settings = IntakeSettings(
             stream=Stream.WORK.value,
-            durables=tuple(durable_name(self._settings.pool, p) for p in PRIORITIES),
+            durables=tuple(work_durable(self._settings.pool, p) for p in PRIORITIES),
             concurrency=pool.concurrency,
             starvation_share=pool.starvation_share,
         )
@@ -195,7 +190,7 @@ class ExecutorService:
 
     def _consumer_config(self, pool: PoolConfig, priority: int) -> ConsumerConfig:
         return ConsumerConfig(
-            durable_name=durable_name(self._settings.pool, priority),
+            durable_name=work_durable(self._settings.pool, priority),
             filter_subject=self._subjects.work(self._settings.pool, priority),
             ack_wait=pool.ack_wait_s,
             max_deliver=-1,  # the executor dead-letters by itself, so no call is ever dropped silently

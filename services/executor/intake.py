@@ -185,8 +185,7 @@ class PriorityIntake:
 
     def _turn_order(self) -> list[_Level]:
         """Highest priority first, except on a starvation turn (every `period`-th start)."""
-        starvation_turn = (self._starts + 1) % self._settings.starvation_period == 0
-        return list(reversed(self._levels)) if starvation_turn else self._levels
+        return list(reversed(self._levels)) if self._starvation_turn_next() else self._levels
 
     async def _probe(self, wanted: int) -> bool:
         """Ask levels in turn order for up to `wanted` calls (no_wait); True once one delivered."""

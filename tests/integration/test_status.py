@@ -21,8 +21,8 @@ from shared.contracts import BreakerView, CallStatus, Event, EventKind, WorkerBe
 from shared.embedded import NatsServer
 from shared.mesh import bootstrap
 from shared.registry import WorkerRoster
-from shared.status import MeshStatus, PoolStatus, collect_status, work_durable
-from shared.subjects import Stream, Subjects
+from shared.status import MeshStatus, PoolStatus, collect_status
+from shared.subjects import Stream, Subjects, work_durable
 from tests.conftest import make_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
