@@ -55,6 +55,9 @@ CALL_SECONDS = Histogram("toolbus_executor_call_seconds", "Backend call duration
 IN_FLIGHT = Gauge("toolbus_executor_in_flight", "Calls running in this worker", ["pool"])
 CALL_ID_META = "io.toolbus/call_id"  # lets a backend tell which bus call it is serving
 
+Answer = tuple[ToolCallResponse, CallStatus] | ToolbusError
+"""How an attempt ended: the tool's response with ok/tool_error, or the error to answer."""
+
 
 class TransientFailure(Exception):
     """An attempt that may succeed if retried (backend down, pool timeout)."""
@@ -74,6 +77,7 @@ class Worker:
     backends: dict[str, Backend]
     breakers: dict[str, SharedBreaker]
     running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    handling: set[str] = field(default_factory=set)  # call ids this worker has claimed and not yet acked
     cancel_requested: set[str] = field(default_factory=set)
 
 
@@ -93,6 +97,20 @@ class CallRunner:
         return True
 
     async def handle(self, msg: Msg, work: WorkItem) -> None:
+        if work.call_id in self.w.handling:
+            # Redelivered to this very worker while it still handles the call (its AckWait lapsed,
+            # e.g. during a leader election): the Redis claim names this worker, so it cannot
+            # stop a second run here; the first handling will ack the message.
+            log.info("call.already_handled_here")
+            await msg.nak(delay=self.w.pool.ack_wait_s)
+            return
+        self.w.handling.add(work.call_id)
+        try:
+            await self._handle(msg, work)
+        finally:
+            self.w.handling.discard(work.call_id)
+
+    async def _handle(self, msg: Msg, work: WorkItem) -> None:
         attempt = msg.metadata.num_delivered or 1
         replay_id = msg.headers.get(Header.REPLAY) if msg.headers else None
         if replay_id and await self.w.ledger.begin_replay(work.call_id, replay_id):
@@ -127,7 +145,7 @@ class CallRunner:
             try:
                 await self._admit(work)
                 started_event = self.w.outcomes.emit(EventKind.CALL_STARTED, **event_fields(work), attempt=attempt)
-                answer: ToolCallResponse | ToolbusError = (
+                answer: Answer = (
                     await asyncio.gather(started_event, self._run(work))
                 )[1]
             except TransientFailure as failure:
@@ -159,7 +177,7 @@ class CallRunner:
             if transition is not None:
                 await self._report_breaker(transition.new.value, work, transition.failures)
 
-    async def _run(self, work: WorkItem) -> ToolCallResponse:
+    async def _run(self, work: WorkItem) -> tuple[ToolCallResponse, CallStatus]:
         """One attempt under the pool timeout or the call's deadline, whichever comes first."""
         backend = self.w.backends.get(work.server)
         if backend is None:
@@ -180,7 +198,7 @@ class CallRunner:
         except MCPError as error:
             raise BackendError(f"backend error: {error.error.message}", backend_code=error.code) from error
         await self._breaker_success(work)
-        return success_response(work, result)[0]
+        return success_response(work, result)
 
     @contextlib.asynccontextmanager
     async def _running(self, work: WorkItem) -> AsyncIterator[None]:
@@ -202,14 +220,18 @@ class CallRunner:
             self.w.cancel_requested.discard(work.call_id)
 
     async def _keep_alive(self, work: WorkItem, msg: Msg) -> None:
+        """Refresh the claim and the message's AckWait independently: during a stream leader
+        election the in-progress ack can fail and the message be redelivered anyway, and then
+        only a live claim keeps a second worker from running the call again."""
         while True:
             await asyncio.sleep(self.w.pool.ack_wait_s / 3)
             with contextlib.suppress(Exception):
-                await msg.in_progress()
                 await self.w.ledger.refresh(work.call_id, self.w.instance)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
 
     async def _finish(
-        self, work: WorkItem, msg: Msg, answer: ToolCallResponse | ToolbusError, seconds: float
+        self, work: WorkItem, msg: Msg, answer: Answer, seconds: float
     ) -> None:
         """Publish the final answer once, mark the call done, report it, ack."""
         response, status = self._response(work, answer)
@@ -228,10 +250,9 @@ class CallRunner:
         log.info("call.finished", status=status.value, tool=work.public_tool, duration_ms=round(seconds * 1000, 3))
 
     @staticmethod
-    def _response(work: WorkItem, answer: ToolCallResponse | ToolbusError) -> tuple[ToolCallResponse, CallStatus]:
-        if isinstance(answer, ToolCallResponse):
-            is_error = bool((answer.result or {}).get("isError"))
-            return answer, CallStatus.TOOL_ERROR if is_error else CallStatus.OK
+    def _response(work: WorkItem, answer: Answer) -> tuple[ToolCallResponse, CallStatus]:
+        if isinstance(answer, tuple):
+            return answer  # the tool ran: success_response already chose ok or tool_error
         if isinstance(answer, DeadlineExceeded):
             status = CallStatus.TIMEOUT
         else:
@@ -302,7 +323,7 @@ class CallRunner:
         log.warning("breaker.changed", backend=work.server, state=state, failures=failures)
 
 
-def _event_kind(status: CallStatus, answer: ToolCallResponse | ToolbusError) -> EventKind:
+def _event_kind(status: CallStatus, answer: Answer) -> EventKind:
     if isinstance(answer, DeadLettered):
         return EventKind.CALL_DEAD_LETTERED
     if status in (CallStatus.OK, CallStatus.TOOL_ERROR):
