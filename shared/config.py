@@ -11,11 +11,14 @@ The file is YAML with these top-level sections, all optional::
     pools:   {<name>: {workers, concurrency, timeout_s, max_deliveries,
                        max_backlog, backoff: {base_s, max_s},
                        breaker: {fail_max, reset_s}}}
-    tools:   {<public tool name>: {cost_usd, max_cost_usd, cache_ttl_s}}
+    tools:   {<public tool name>: {cost_usd, max_cost_usd, cache_ttl_s,
+              model, max_tokens, economy}}
+    models:  {<model name>: {input_usd_per_mtok, output_usd_per_mtok}}
     principals: [{name, key_sha256, roles: [...], scope: {org, team, project, user}}]
     roles:   {<name>: {allow: [<glob>...], deny: [<glob>...]}}
     budgets: [{scope: "<org|team|project|user|key>:<name>", limit_usd, window,
                alert_at: [...], rpm, tpm}]
+    accounting: {enabled, hold_ttl_s, settle_margin_s, economy_below, timeout_s}
     limits:  {max_body_bytes, max_depth}
 
 ``${VAR}`` in any string value is replaced from the environment. A top-level
@@ -51,9 +54,11 @@ from pydantic import (
 )
 
 __all__ = [
+    "BUDGET_SCOPE_KINDS",
     "DEFAULT_POOL",
     "NAME_PATTERN",
     "TOOL_SEPARATOR",
+    "AccountingConfig",
     "BackoffConfig",
     "BreakerConfig",
     "BudgetConfig",
@@ -61,6 +66,7 @@ __all__ = [
     "ConfigError",
     "ConfigProblem",
     "LimitsConfig",
+    "ModelPrice",
     "NatsConfig",
     "PoolConfig",
     "Principal",
@@ -317,20 +323,53 @@ def public_tool_name(server_name: str, server: ServerConfig, tool: str) -> str:
 
 
 class ToolConfig(BaseModel):
-    """Per public tool settings: price per call, reservation, result cache TTL."""
+    """Per public tool settings: price per call, reservation, result cache TTL.
+
+    A token-priced tool names its ``model`` (priced in ``models``) and holds either
+    ``max_cost_usd`` or enough for ``max_tokens``; ``economy`` names a cheaper public
+    tool the router switches to when the caller's budget runs low.
+    """
 
     model_config = _MODEL_CONFIG
 
     cost_usd: _Money | None = Field(default=None, description="Charged per call.")
     max_cost_usd: _Money | None = Field(default=None, description="Held up front.")
     cache_ttl_s: float | None = Field(default=None, ge=0)
+    model: _NonEmptyStr | None = Field(default=None, description="Model whose token prices apply.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Tokens a call may use (held up front).")
+    economy: _NonEmptyStr | None = Field(default=None, description="Cheaper public tool for low budgets.")
 
     @model_validator(mode="after")
     def _check_costs(self) -> ToolConfig:
         cost, most = self.cost_usd, self.max_cost_usd
         if cost is not None and most is not None and most < cost:
             raise _FieldProblems([ConfigProblem("max_cost_usd", "must be >= cost_usd")])
+        if self.model is not None and most is None and self.max_tokens is None:
+            reason = "a token-priced tool needs max_tokens or max_cost_usd, so every call has a bounded hold"
+            raise _FieldProblems([ConfigProblem("model", reason)])
         return self
+
+
+class ModelPrice(BaseModel):
+    """Token prices of one model in USD per million tokens (so also micro-USD per token)."""
+
+    model_config = _MODEL_CONFIG
+
+    input_usd_per_mtok: _Money = Decimal(0)
+    output_usd_per_mtok: _Money = Decimal(0)
+
+
+class AccountingConfig(BaseModel):
+    """How the router and executors use the budget accountant."""
+
+    model_config = _MODEL_CONFIG
+
+    enabled: bool = Field(default=True, description="Reserve and settle every call's cost.")
+    hold_ttl_s: float = Field(default=600, gt=0, description="How long a call without deadline may wait to start.")
+    settle_margin_s: float = Field(default=5, gt=0, description="A call's run ends this long before its hold expires.")
+    economy_below: float = Field(default=0.2, ge=0, le=1,
+                                 description="Remaining budget fraction under which the economy tool is used.")
+    timeout_s: float = Field(default=2, gt=0, description="Answer time of the accountant before failing closed.")
 
 
 class PrincipalScope(BaseModel):
@@ -353,6 +392,11 @@ class Principal(BaseModel):
     key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     roles: list[str] = Field(default_factory=list)
     scope: PrincipalScope = Field(default_factory=PrincipalScope)
+
+    def budget_scopes(self) -> list[str]:
+        """Every scope whose budgets apply to this principal, widest first (org > … > key)."""
+        placed = [f"{kind}:{name}" for kind, name in self.scope.model_dump().items() if name is not None]
+        return [*placed, f"key:{self.name}"]
 
 
 class Role(BaseModel):
@@ -449,6 +493,8 @@ class Config(BaseModel):
     principals: list[Principal] = Field(default_factory=list)
     roles: dict[str, Role] = Field(default_factory=dict)
     budgets: list[BudgetConfig] = Field(default_factory=list)
+    models: dict[str, ModelPrice] = Field(default_factory=dict)
+    accounting: AccountingConfig = Field(default_factory=AccountingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     @model_validator(mode="before")
@@ -470,6 +516,8 @@ class Config(BaseModel):
             *_server_pool_problems(self.servers, self.pools),
             *_server_prefix_problems(self.servers),
             *_principal_problems(self.principals, self.roles),
+            *_tool_problems(self.tools, self.models),
+            *_budget_problems(self.budgets),
         ]
         if problems:
             raise _FieldProblems(problems)
@@ -530,6 +578,30 @@ def _principal_problems(
             yield ConfigProblem(f"{base}.key_sha256", reason)
         names.setdefault(principal.name, i)
         keys.setdefault(principal.key_sha256, i)
+
+
+def _tool_problems(tools: Mapping[str, ToolConfig], models: Mapping[str, ModelPrice]) -> Iterator[ConfigProblem]:
+    for name, tool in tools.items():
+        if tool.model is not None and tool.model not in models:
+            yield ConfigProblem(f"tools.{name}.model", f"unknown model {tool.model!r} (known: {_known(models)})")
+        if tool.economy == name:
+            yield ConfigProblem(f"tools.{name}.economy", "a tool cannot be its own economy tool")
+
+
+def _budget_problems(budgets: Sequence[BudgetConfig]) -> Iterator[ConfigProblem]:
+    """One spend limit per (scope, window) and one rate limit per scope, so no limit shadows another."""
+    spends: dict[tuple[str, str], int] = {}
+    rates: dict[str, int] = {}
+    for i, budget in enumerate(budgets):
+        if budget.limit_usd is not None:
+            first = spends.setdefault((budget.scope, budget.window), i)
+            if first != i:
+                yield ConfigProblem(f"budgets[{i}]", f"duplicate {budget.window} limit for {budget.scope} "
+                                                     f"(also budgets[{first}])")
+        if budget.rpm is not None or budget.tpm is not None:
+            first = rates.setdefault(budget.scope, i)
+            if first != i:
+                yield ConfigProblem(f"budgets[{i}]", f"duplicate rate limit for {budget.scope} (also budgets[{first}])")
 
 
 # --------------------------------------------------------------------------- loading

@@ -74,8 +74,10 @@ class ServiceProcess:
 
 
 def service_plan(config: Config) -> list[ServiceProcess]:
-    """The processes a config asks for: one router, and each pool's workers."""
-    plan = [ServiceProcess("router", "services.router")]
+    """The processes a config asks for: the accountant (when accounting is on), one router, and
+    each pool's workers."""
+    plan = [ServiceProcess("budget", "services.budget")] if config.accounting.enabled else []
+    plan.append(ServiceProcess("router", "services.router"))
     served = {server.pool for server in config.servers.values()}
     for pool, pool_config in sorted(config.pools.items()):
         if pool in served:

@@ -1,7 +1,8 @@
 """The `toolbus-registry` KV bucket: the live config and every backend tool's spec.
 
 `toolbus up` (and later hot reload) writes `config`; each executor writes `tools.<public name>`
-for the tools its backends list. Routers keep a local copy current with a KV watch, so a new
+for the tools its backends list; the budget accountant writes `budget.limits` (limits set at
+runtime) and `budget.epoch`. Routers keep a local copy current with a KV watch, so a new
 executor's tools are callable as soon as they are registered.
 """
 
@@ -20,12 +21,14 @@ from nats.js.kv import KeyValue
 
 from shared.codec import dump_model_json
 from shared.config import Config, config_to_json, parse_config
-from shared.contracts import ToolSpec, WorkerBeat
+from shared.contracts import SetLimitRequest, ToolSpec, WorkerBeat
 from shared.subjects import REGISTRY_BUCKET, WORKERS_BUCKET
 
 log = structlog.get_logger(__name__)
 
 CONFIG_KEY = "config"
+BUDGET_LIMITS_KEY = "budget.limits"  # JSON list of SetLimitRequest: the limits set at runtime
+BUDGET_EPOCH_KEY = "budget.epoch"  # the epoch Redis must hold while its budget counters are whole
 STOP_WATCH_S = 2.0
 TOOL_KEY_PREFIX = "tools."
 
@@ -78,13 +81,19 @@ class Registry:
         specs = await asyncio.gather(*(self._kv.get(k) for k in keys if k.startswith(TOOL_KEY_PREFIX)))
         return {s.public_name: s for s in (ToolSpec.model_validate_json(e.value or b"") for e in specs)}
 
-    async def watch(self, on_tool: Callable[[ToolSpec], None], on_config: Callable[[Config], None]) -> None:
-        """Call back on every current and future tool and config entry until cancelled."""
+    async def watch(
+        self, on_tool: Callable[[ToolSpec], None], on_config: Callable[[Config], None],
+        on_budget_limits: Callable[[list[SetLimitRequest]], None] | None = None,
+    ) -> None:
+        """Call back on every current and future tool, config and runtime-limits entry until cancelled."""
         watcher = await self._kv.watchall()
         try:
             async for entry in watcher:
                 if entry is None or not entry.value:
                     continue  # end of initial values, or a delete marker
+                if entry.key == BUDGET_LIMITS_KEY and on_budget_limits is not None:
+                    on_budget_limits(parse_budget_limits(entry.value))
+                    continue
                 self._dispatch(entry.key, entry.value, on_tool, on_config)
         finally:
             with contextlib.suppress(Exception):  # bounded: nats-py's stop can hang on a busy connection
@@ -101,6 +110,11 @@ class Registry:
                 on_config(parse_config(json.loads(value), source=f"kv:{REGISTRY_BUCKET}/{CONFIG_KEY}"))
         except Exception:
             log.exception("registry.bad_entry", key=key)  # one bad entry must not stop the watch
+
+
+def parse_budget_limits(raw: bytes | None) -> list[SetLimitRequest]:
+    """The runtime limits stored under `budget.limits`."""
+    return [SetLimitRequest.model_validate(item) for item in json.loads(raw or b"[]")]
 
 
 BEAT_TTL_S = 10.0  # a worker silent this long is gone from `toolbus status`

@@ -102,6 +102,10 @@ class Subjects:
         """Core-NATS subject progress notifications of one call are forwarded to."""
         return f"{self.prefix}.progress.{call_id}"
 
+    def budget(self, verb: str) -> str:
+        """Core-NATS request subject of the budget accountant: reserve, settle, release, status, set, rebuild."""
+        return f"{self.prefix}.budget.{verb}"
+
     def mesh(self, verb: str) -> str:
         """Core-NATS request subject a running `toolbus up` answers, e.g. `scale`."""
         return f"{self.prefix}.mesh.{verb}"

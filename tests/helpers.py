@@ -18,6 +18,7 @@ from typing import TypeVar
 import nats
 import yaml
 
+from services.budget.app import BudgetService, BudgetSettings
 from services.executor.app import ExecutorService, ExecutorSettings
 from services.router.app import RouterService, RouterSettings
 from shared.config import Config
@@ -28,12 +29,15 @@ T = TypeVar("T")
 
 
 class InProcessMesh:
-    """Router + one executor per served pool, as asyncio tasks of the test's event loop."""
+    """Budget accountant + router + one executor per served pool, as asyncio tasks of the test's
+    event loop (the accountant only when the config has accounting on)."""
 
     def __init__(self, nats_url: str, config: Config, redis_url: str, workers: int = 1) -> None:
         self.nats_url = nats_url
         self.redis_url = redis_url
         self.config = config
+        self.budget = BudgetService(BudgetSettings(nats_url, config.prefix, "budget-test", redis_url)) \
+            if config.accounting.enabled else None
         self.router = RouterService(RouterSettings(nats_url, config.prefix, instance="router-test"))
         pools = sorted({server.pool for server in config.servers.values()})
         self.executors = [
@@ -43,6 +47,8 @@ class InProcessMesh:
 
     async def __aenter__(self) -> InProcessMesh:
         await bootstrap(self.nats_url, self.config)
+        if self.budget is not None:
+            await self.budget.start()
         await asyncio.gather(*(executor.start() for executor in self.executors))
         await self.router.start()
         return self
@@ -50,6 +56,8 @@ class InProcessMesh:
     async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         await self.router.stop()
         await asyncio.gather(*(executor.stop() for executor in self.executors))
+        if self.budget is not None:
+            await self.budget.stop()
 
 
 async def work_settled(nats_url: str, pool: str = "default") -> bool:

@@ -32,6 +32,7 @@ app = MCPServer(
 RECORD_ENV = "TOOLBUS_DEMO_RECORD"
 BROKEN_ENV = "TOOLBUS_DEMO_BROKEN_FILE"
 CALL_ID_META = "io.toolbus/call_id"
+MAX_TOKENS_META = "io.toolbus/max_tokens"  # the tokens the caller's budget hold pays for
 
 
 def record(tool: str, ctx: Context | None) -> None:
@@ -91,8 +92,13 @@ def flaky(rate: float = 0.5) -> str:
 
 
 @app.tool()
-def summarize(text: str, max_words: int = 12) -> CallToolResult:
-    """Summarize `text` as its first `max_words` words; token usage is reported in `_meta.usage`."""
+def summarize(text: str, max_words: int = 12, ctx: Context | None = None) -> CallToolResult:
+    """Summarize `text` as its first `max_words` words (one token per word); token usage is reported
+    in `_meta.usage`. Output stops at the `io.toolbus/max_tokens` the caller's budget allows."""
+    meta: Any = ctx.request_context.meta if ctx is not None else None
+    allowed = meta.get(MAX_TOKENS_META) if isinstance(meta, dict) else None
+    if isinstance(allowed, int) and allowed >= 0:
+        max_words = min(max_words, allowed)
     words = text.split()
     summary = " ".join(words[:max_words]) + (" …" if len(words) > max_words else "")
     usage = {"model": "demo-extractive-1", "input_tokens": len(words), "output_tokens": min(len(words), max_words)}

@@ -19,21 +19,19 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.executor.backends import Backend
 from services.executor.breaker import SharedBreaker
 from services.executor.intake import IntakeSettings, PriorityIntake
 from services.executor.ledger import CallLedger
 from services.executor.runner import CallRunner, Worker
+from shared.budget_client import BudgetClient
 from shared.bus import connect, ensure_consumer, provision_streams
 from shared.codec import unpack
 from shared.config import Config, PoolConfig
 from shared.contracts import BreakerView, ToolSpec, WorkerBeat, WorkItem
 from shared.outcomes import Outcomes, now_ms
+from shared.redis_client import redis_client
 from shared.registry import BEAT_EVERY_S, Registry, WorkerRoster
 from shared.subjects import DEFAULT_PREFIX, Stream, Subjects, work_durable
 from shared.telemetry import call_span
@@ -53,17 +51,6 @@ class ExecutorSettings:
     prefix: str = DEFAULT_PREFIX
     instance: str = "executor"
     redis_url: str = "redis://127.0.0.1:6379/0"
-
-
-def redis_client(url: str) -> Redis:
-    """A Redis client that survives a Redis restart: short timeouts, retries with backoff.
-
-    redis-py 8 does not retry by default, so after a restart the first command on each pooled
-    connection would fail.
-    """
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5)
-    return Redis.from_url(url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2, retry=retry,
-                          retry_on_error=[RedisConnectionError, RedisTimeoutError])
 
 
 class ExecutorService:
@@ -137,6 +124,9 @@ class ExecutorService:
             js=js, outcomes=Outcomes(self._nc, js, self._subjects, source=self._settings.instance),
             ledger=CallLedger(self._redis, prefix=self._settings.prefix, claim_ttl_s=pool.ack_wait_s),
             backends={}, breakers=breakers,
+            budget=BudgetClient(self._nc, self._subjects, config.accounting.timeout_s)
+            if config.accounting.enabled else None,
+            settle_margin_s=config.accounting.settle_margin_s,
         )
 
     async def _start_backends(self, config: Config, registry: Registry) -> None:

@@ -35,9 +35,25 @@ def remaining_s(work: WorkItem) -> float | None:
     return None if work.deadline_ms is None else (work.deadline_ms - now_ms()) / 1000
 
 
-def time_budget_s(work: WorkItem, pool_timeout_s: float) -> tuple[float, bool]:
-    """How long this attempt may run, and whether that limit is the call's own deadline."""
-    left = remaining_s(work)
-    if left is not None and left < pool_timeout_s:
-        return max(left, 0.0), True
+def hold_left_s(work: WorkItem, margin_s: float) -> float | None:
+    """Seconds the call may still run on its budget hold (ending `margin_s` before the hold
+    expires, so the settlement lands first); None without a hold."""
+    if work.budget is None:
+        return None
+    return (work.budget.expires_at_ms - now_ms()) / 1000 - margin_s
+
+
+def time_budget_s(work: WorkItem, pool_timeout_s: float, hold_margin_s: float = 0.0) -> tuple[float, bool]:
+    """How long this attempt may run, and whether that limit is final (the call's own deadline
+    or the end of its budget hold) rather than the retryable pool timeout."""
+    limits = [left for left in (remaining_s(work), hold_left_s(work, hold_margin_s)) if left is not None]
+    tightest = min(limits, default=None)
+    if tightest is not None and tightest < pool_timeout_s:
+        return max(tightest, 0.0), True
     return pool_timeout_s, False
+
+
+def final_limit(work: WorkItem, hold_margin_s: float) -> str:
+    """Which final limit binds the call: `deadline` or `budget hold`."""
+    deadline, hold = remaining_s(work), hold_left_s(work, hold_margin_s)
+    return "budget hold" if hold is not None and (deadline is None or hold < deadline) else "deadline"

@@ -30,8 +30,10 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.executor.backends import Backend, BackendUnavailable
 from services.executor.breaker import SharedBreaker
-from services.executor.execution import backoff_delay, success_response, time_budget_s
+from services.executor.execution import backoff_delay, final_limit, success_response, time_budget_s
 from services.executor.ledger import CallLedger, ClaimOutcome
+from services.executor.settlement import MAX_TOKENS_META, settle_call
+from shared.budget_client import BudgetClient
 from shared.codec import pack
 from shared.config import PoolConfig
 from shared.contracts import Attempt, CallStatus, DeadLetter, EventKind, ToolCallResponse, WorkItem
@@ -76,6 +78,8 @@ class Worker:
     ledger: CallLedger
     backends: dict[str, Backend]
     breakers: dict[str, SharedBreaker]
+    budget: BudgetClient | None = None  # None when accounting is off
+    settle_margin_s: float = 0.0  # a call with a budget hold ends this long before the hold expires
     running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     handling: set[str] = field(default_factory=set)  # call ids this worker has claimed and not yet acked
     cancel_requested: set[str] = field(default_factory=set)
@@ -168,9 +172,10 @@ class CallRunner:
 
     async def _admit(self, work: WorkItem) -> None:
         """Refuse a call whose deadline passed or whose backend's breaker is open."""
-        budget_s, _ = time_budget_s(work, self.w.pool.timeout_s)
+        budget_s, _ = time_budget_s(work, self.w.pool.timeout_s, self.w.settle_margin_s)
         if budget_s <= 0:
-            raise DeadlineExceeded("the call's deadline passed before it could run")
+            limit = final_limit(work, self.w.settle_margin_s)
+            raise DeadlineExceeded(f"the call's {limit} ran out before it could run")
         breaker = self.w.breakers.get(work.server)
         if breaker is not None:
             transition = await breaker.before_call(work.call_id)
@@ -182,14 +187,17 @@ class CallRunner:
         backend = self.w.backends.get(work.server)
         if backend is None:
             raise TransientFailure(f"this worker has no backend {work.server!r}")
-        budget_s, is_deadline = time_budget_s(work, self.w.pool.timeout_s)
+        budget_s, is_deadline = time_budget_s(work, self.w.pool.timeout_s, self.w.settle_margin_s)
         meta = {**(work.meta or {}), CALL_ID_META: work.call_id}
+        if work.budget is not None and work.budget.max_tokens is not None:
+            meta[MAX_TOKENS_META] = work.budget.max_tokens
         try:
             async with self._running(work), asyncio.timeout(budget_s):
                 result = await backend.call_tool(work.tool, work.arguments, meta)
         except TimeoutError:
             if is_deadline:
-                raise DeadlineExceeded("the call's deadline passed while it ran") from None
+                limit = final_limit(work, self.w.settle_margin_s)
+                raise DeadlineExceeded(f"the call's {limit} ran out while it ran") from None
             await self._breaker_failure(work)
             raise TransientFailure(f"timed out after {budget_s:.1f}s") from None
         except BackendUnavailable as error:
@@ -235,6 +243,10 @@ class CallRunner:
     ) -> None:
         """Publish the final answer once, mark the call done, report it, ack."""
         response, status = self._response(work, answer)
+        if self.w.budget is not None:
+            # Before the result: a crash in between re-runs the call (settling again is a no-op)
+            # rather than leaving a published call unsettled.
+            await settle_call(self.w.budget, work, response, status)
         await self.w.outcomes.publish_result(work.call_id, response, status, work.reply_to)
         await asyncio.gather(
             self.w.ledger.complete(work.call_id, self.w.instance),

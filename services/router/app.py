@@ -15,11 +15,13 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 from prometheus_client import Counter, Histogram
 
+from services.router.budgeting import reserve_budget
 from services.router.decision import Decision, RoutingTable
+from shared.budget_client import BudgetClient
 from shared.bus import PullConsumer, PullSettings, connect, ensure_consumer, header, provision_streams
 from shared.codec import pack
 from shared.config import Config
-from shared.contracts import CallStatus, EventKind, ToolSpec, WorkItem
+from shared.contracts import CallStatus, EventKind, SetLimitRequest, ToolSpec, WorkItem
 from shared.errors import DeadlineExceeded, InternalError
 from shared.outcomes import Outcomes, error_response
 from shared.registry import Registry
@@ -60,6 +62,7 @@ class RouterService:
         self._watch: asyncio.Task[None] | None = None
         self._outcomes: Outcomes | None = None
         self._backlog_task: asyncio.Task[None] | None = None
+        self._budget: BudgetClient | None = None
 
     @property
     def ready(self) -> bool:
@@ -73,9 +76,10 @@ class RouterService:
         config = await registry.get_config()
         await provision_streams(js, self._subjects, replicas=config.nats.replicas)  # never downgrade R3 to R1
         self._table = RoutingTable(config, await registry.tools())
-        self._watch = asyncio.create_task(registry.watch(self._on_tool, self._on_config))
+        self._watch = asyncio.create_task(registry.watch(self._on_tool, self._on_config, self._on_budget_limits))
         self._backlog_task = asyncio.create_task(self._watch_backlog(js))
         self._outcomes = Outcomes(self._nc, js, self._subjects, source=self._settings.instance)
+        self._budget = BudgetClient(self._nc, self._subjects)
         await ensure_consumer(js, Stream.CALLS, ConsumerConfig(durable_name=DURABLE, ack_wait=self._settings.ack_wait_s,
                                                                 max_ack_pending=4 * self._settings.max_in_flight))
         pull = PullSettings(Stream.CALLS, DURABLE, max_in_flight=self._settings.max_in_flight)
@@ -112,12 +116,17 @@ class RouterService:
         assert self._table is not None
         self._table = self._table.with_config(config)
 
+    def _on_budget_limits(self, limits: list[SetLimitRequest]) -> None:
+        assert self._table is not None
+        self._table = self._table.with_runtime_limits(limits)
+
     async def route_call(self, msg: Msg) -> None:
         """Route or refuse one call from CALLS, then ack it (publish failures NAK it via the consumer)."""
         started = time.perf_counter()
         call_id = header(msg, Header.MSG_ID) or f"seq-{msg.metadata.sequence.stream}"
         with call_span("router.route", msg.headers, call_id):
             decision = self._decide(msg, call_id)
+            await self._reserve_budget(decision)
             if decision.work is not None:
                 await self._dispatch(decision.work)
             else:
@@ -134,6 +143,14 @@ class RouterService:
             log.exception("router.decide_failed", correlation_id=correlation_id)
             return Decision(call_id=call_id, refusal=InternalError(correlation_id))
 
+    async def _reserve_budget(self, decision: Decision) -> None:
+        """The last check before dispatch: hold the call's cost at the accountant (or refuse it)."""
+        assert self._table is not None and self._budget is not None
+        if decision.work is None or not self._table.is_budgeted(decision.scopes):
+            return
+        self._budget.timeout_s = self._table.config.accounting.timeout_s
+        await reserve_budget(self._budget, self._table.config, decision)
+
     async def _dispatch(self, work: WorkItem) -> None:
         assert self._nc is not None and self._outcomes is not None
         headers = {
@@ -146,7 +163,7 @@ class RouterService:
         await self._outcomes.emit(
             EventKind.CALL_ACCEPTED, EventKind.CALL_DISPATCHED,
             call_id=work.call_id, principal=work.principal, tool=work.public_tool, pool=work.pool,
-            detail={"priority": work.priority},
+            detail={"priority": work.priority, "hold_micros": work.budget.hold_micros if work.budget else None},
         )
         ROUTED.labels("dispatched", "").inc()
         log.info("call.dispatched", tool=work.public_tool, pool=work.pool, priority=work.priority)

@@ -3,15 +3,17 @@
 Order of checks: limits and parse → headers → authenticate → authorize (globs, so a caller
 learns nothing about tools it may not call) → tool exists → arguments match its inputSchema →
 deadline not passed → the pool's backlog is under its bound. The first failure is the answer;
-nothing refused is ever executed.
+nothing refused is ever executed. The budget reserve comes last, in `budgeting.py` (it is the
+one check that needs another service).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from services.router.policy import authenticate, authorize, index_principals
+from services.router.policy import authenticate, authorize, index_principals, is_allowed
 from services.router.validation import (
     ArgumentValidators,
     IngressHeaders,
@@ -20,8 +22,8 @@ from services.router.validation import (
     request_id_of,
     usable_reply_to,
 )
-from shared.config import Config
-from shared.contracts import ToolCallRequest, ToolSpec, WorkItem
+from shared.config import Config, Principal
+from shared.contracts import SetLimitRequest, ToolCallRequest, ToolSpec, WorkItem
 from shared.contracts.jsonrpc import RequestId
 from shared.errors import CallRefused, DeadlineExceeded, Overloaded, ToolbusError, UnknownTool
 from shared.outcomes import now_ms
@@ -39,6 +41,8 @@ class Decision:
     reply_to: str | None = None
     work: WorkItem | None = None
     refusal: ToolbusError | None = None
+    scopes: list[str] = field(default_factory=list)  # the principal's budget scopes, widest first
+    economy: ToolSpec | None = None  # a cheaper tool the accountant may pick instead
 
 
 @dataclass
@@ -49,13 +53,27 @@ class RoutingTable:
     tools: dict[str, ToolSpec] = field(default_factory=dict)
     validators: ArgumentValidators = field(default_factory=ArgumentValidators)
     backlog: dict[str, int] = field(default_factory=dict)  # pool → calls waiting in WORK, refreshed by the app
+    runtime_limits: list[SetLimitRequest] = field(default_factory=list)  # set by `toolbus budget set`
 
     def __post_init__(self) -> None:
         self._principals = index_principals(self.config.principals)
+        self._budgeted = {b.scope for b in self.config.budgets} | {r.scope for r in self.runtime_limits
+                                                                   if r.limit_micros is not None}
 
     def with_config(self, config: Config) -> RoutingTable:
         """The same tools under a new config."""
-        return RoutingTable(config, self.tools, self.validators, self.backlog)
+        return RoutingTable(config, self.tools, self.validators, self.backlog, self.runtime_limits)
+
+    def with_runtime_limits(self, limits: list[SetLimitRequest]) -> RoutingTable:
+        """The same table once a limit was set at runtime."""
+        return RoutingTable(self.config, self.tools, self.validators, self.backlog, limits)
+
+    def is_budgeted(self, scopes: list[str]) -> bool:
+        """True if a spend or rate limit may apply to these scopes, so the call must be reserved.
+
+        A principal no limit names skips the accountant entirely (no round trip, and no
+        dependency on it being up)."""
+        return self.config.accounting.enabled and any(scope in self._budgeted for scope in scopes)
 
     def decide(self, headers: Mapping[str, str], body: bytes, call_id: str) -> Decision:
         """Route or refuse one call; refusals are returned, never raised."""
@@ -84,7 +102,21 @@ class RoutingTable:
         if ingress.deadline_ms is not None and ingress.deadline_ms <= now_ms():
             raise DeadlineExceeded("the call's deadline passed before it was routed")
         self._check_backlog(spec.pool)
+        decision.scopes = principal.budget_scopes()
+        decision.economy = self._economy(spec, principal, request.params.arguments)
         decision.work = self._work_item(request, ingress, spec, principal.name)
+
+    def _economy(self, spec: ToolSpec, principal: Principal, arguments: dict[str, Any]) -> ToolSpec | None:
+        """The configured economy alternative, if it is registered, allowed and takes these arguments."""
+        tool_config = self.config.tools.get(spec.public_name)
+        economy = self.tools.get(tool_config.economy) if tool_config and tool_config.economy else None
+        if economy is None or not is_allowed(principal, self.config.roles, economy.public_name):
+            return None
+        try:
+            self.validators.validate(economy, arguments)
+        except CallRefused:
+            return None
+        return economy
 
     def _check_backlog(self, pool: str) -> None:
         """Backpressure: refuse rather than queue without bound when a pool is far behind."""

@@ -126,7 +126,9 @@ async def _replay(js: JetStreamContext, subjects: Subjects, pool: str | None, ke
         replay_id = uuid.uuid4().hex
         headers: dict[str, str] = {Header.MSG_ID: f"replay-{work.call_id}-{replay_id}", Header.CALL_ID: work.call_id,
                    Header.REPLAY: replay_id, Header.CONTENT_TYPE: CONTENT_MSGPACK}
-        fresh = work.model_copy(update={"accepted_at_ms": now_ms(), "deadline_ms": None})
+        # An operator replay runs afresh: no deadline, and no budget hold (the original was released when the
+        # call was dead-lettered; a replay is an operator decision, not charged against the caller's budget).
+        fresh = work.model_copy(update={"accepted_at_ms": now_ms(), "deadline_ms": None, "budget": None})
         await js.publish(subjects.work(work.pool, work.priority), pack(fresh), headers=headers)
         await js.delete_msg(Stream.DLQ.value, entry.seq)
     return chosen

@@ -1,5 +1,23 @@
 """Pydantic models of every message toolbus puts on the bus: the source of `contracts/`."""
 
+from shared.contracts.budget import (
+    AdminReply,
+    BudgetHold,
+    HoldState,
+    LedgerReply,
+    RebuildRequest,
+    Refusal,
+    RefusalReason,
+    ReleaseRequest,
+    ReserveReply,
+    ReserveRequest,
+    ScopeBudget,
+    SetLimitRequest,
+    SettleRequest,
+    StatusReply,
+    StatusRequest,
+    TokenUsage,
+)
 from shared.contracts.events import CallStatus, Event, EventKind
 from shared.contracts.jsonrpc import ErrorData, JsonRpcError, ToolCallParams, ToolCallRequest, ToolCallResponse
 from shared.contracts.registry import (
@@ -14,18 +32,34 @@ from shared.contracts.registry import (
 from shared.contracts.work import Attempt, DeadLetter, WorkItem
 
 __all__ = [
+    "AdminReply",
     "Attempt",
     "BreakerView",
+    "BudgetHold",
     "CallStatus",
     "DeadLetter",
     "ErrorData",
     "Event",
     "EventKind",
+    "HoldState",
     "JsonRpcError",
+    "LedgerReply",
+    "RebuildRequest",
+    "Refusal",
+    "RefusalReason",
+    "ReleaseRequest",
+    "ReserveReply",
+    "ReserveRequest",
     "RuntimeInfo",
     "ScaleReply",
     "ScaleRequest",
+    "ScopeBudget",
     "ServiceEndpoint",
+    "SetLimitRequest",
+    "SettleRequest",
+    "StatusReply",
+    "StatusRequest",
+    "TokenUsage",
     "ToolCallParams",
     "ToolCallRequest",
     "ToolCallResponse",

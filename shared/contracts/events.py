@@ -23,6 +23,11 @@ class EventKind(StrEnum):
     BREAKER_CLOSED = "breaker.closed"  # the backend is healthy again
     BUDGET_ALERT = "budget.alert"  # a scope crossed an alert threshold
     BUDGET_EXCEEDED = "budget.exceeded"  # a call was refused by a budget
+    BUDGET_RESERVED = "budget.reserved"  # ledger: a call's estimated cost was held
+    BUDGET_SETTLED = "budget.settled"  # ledger: the hold was replaced by the actual cost
+    BUDGET_RELEASED = "budget.released"  # ledger: the hold was freed (failure, or expired)
+    BUDGET_LIMIT_SET = "budget.limit_set"  # a runtime limit was set or removed
+    BUDGET_REBUILT = "budget.rebuilt"  # spend counters were rebuilt from the ledger
     CTX_BLOCK_ADDED = "ctx.block_added"  # a block was appended to a context session
     CTX_PRUNED = "ctx.pruned"  # blocks were pruned from a session
     CTX_EXPORTED = "ctx.exported"  # a session was exported for handoff
@@ -59,4 +64,6 @@ class Event(BaseModel):
     reason: str | None = Field(default=None, description="Error reason for refusals and failures.")
     attempt: int | None = None
     duration_ms: float | None = None
+    cost_micros: int | None = Field(default=None, description="Money moved by a budget event (micro-USD).")
+    buckets: list[str] = Field(default_factory=list, description="Budget counters touched: `<scope>:<window key>`.")
     detail: dict[str, str | int | float | bool | None] = Field(default_factory=dict)

@@ -29,6 +29,7 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, TypeAdapter
 
 from shared import contracts
+from shared.contracts.budget import ReserveRequest
 from shared.contracts.events import CallStatus, Event, EventKind
 from shared.contracts.jsonrpc import ToolCallRequest, ToolCallResponse
 from shared.contracts.registry import ScaleRequest
@@ -285,8 +286,24 @@ def _mesh(s: Subjects) -> ChannelSpec:
     )
 
 
+def _budget(s: Subjects) -> ChannelSpec:
+    return ChannelSpec(
+        key="budget", address=s.budget(_slot("verb")), message="ReserveRequest",
+        summary="Core-NATS requests to the budget accountant (queue group `budget`). Verbs and bodies: "
+        "`reserve` ReserveRequest → ReserveReply, `settle` SettleRequest → LedgerReply, `release` "
+        "ReleaseRequest → LedgerReply, `status` StatusRequest → StatusReply, `set` SetLimitRequest → "
+        "AdminReply, `rebuild` RebuildRequest → AdminReply.",
+        payload=_payload_ref(ReserveRequest), content_type=CONTENT_MSGPACK,
+        parameters={"verb": _param("The accountant operation.",
+                                   ["reserve", "settle", "release", "status", "set", "rebuild"])},
+        action="send",
+        operation="The router reserves; executors settle or release; `toolbus budget` shows, sets and "
+        "rebuilds. The budget service answers each.",
+    )
+
+
 CHANNELS: tuple[Callable[[Subjects], ChannelSpec], ...] = (
-    _call, _result, _work, _event, _dlq, _audit, _audit_checkpoint, _cancel, _progress, _mesh,
+    _call, _result, _work, _event, _dlq, _audit, _audit_checkpoint, _cancel, _progress, _mesh, _budget,
 )
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.contracts.budget import BudgetHold
 from shared.contracts.jsonrpc import RequestId
 
 
@@ -28,6 +29,7 @@ class WorkItem(BaseModel):
     reply_to: str | None = None
     session: str | None = None
     accepted_at_ms: int = Field(description="When the router accepted the call (epoch ms).")
+    budget: BudgetHold | None = Field(default=None, description="What the accountant holds for it, if anything.")
 
 
 class Attempt(BaseModel):

@@ -1,0 +1,1 @@
+"""The budget accountant: hierarchical spend limits and rate limits that are never overspent."""
