@@ -17,19 +17,26 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
+import nats
 import typer
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from shared.budget_client import BudgetClient
 from shared.client import ToolbusClient
 from shared.config import Config, hash_api_key, parse_config
+from shared.contracts import StatusRequest
 from shared.mesh import Mesh
+from shared.subjects import Subjects
 
 DEMO_KEY = "demo-key-not-a-secret"
+INTERN_KEY = "demo-intern-key-not-a-secret"  # a principal with a $0.003 budget, to show refusals
+INTERN_CALLS = 5  # at $0.001 each against $0.003: three run, two are refused with -32010
 console = Console()
 
 
@@ -72,7 +79,8 @@ async def run_demo(rounds: int, concurrency: int) -> list[Outcome]:
             with console.status("starting the mesh: NATS, Redis, router, workers, MCP servers…"):
                 info = await mesh.start()
             console.print(f"mesh up: NATS {info.nats_url} · {len(info.services)} service processes")
-            return await run_batch(info.nats_url, plan(repo, rounds), concurrency)
+            outcomes = await run_batch(info.nats_url, plan(repo, rounds), concurrency)
+            return outcomes + await run_budgeted(info.nats_url)
         finally:
             with console.status("stopping the mesh…"):
                 await mesh.stop()
@@ -113,6 +121,27 @@ async def run_batch(nats_url: str, calls: list[PlannedCall], concurrency: int) -
             return list(await asyncio.gather(*(one(c) for c in calls)))
 
 
+async def run_budgeted(nats_url: str) -> list[Outcome]:
+    """The intern's calls one after another: the first three fit the $0.003 budget, the rest are refused."""
+    calls = [PlannedCall("demo__echo", {"text": f"paid call {n}"}, "ok" if n < 3 else "rejected")
+             for n in range(INTERN_CALLS)]
+    outcomes = []
+    async with ToolbusClient(nats_url, INTERN_KEY, timeout_s=60) as client:
+        for planned in calls:
+            started = time.perf_counter()
+            result = await client.call(planned.tool, planned.arguments, raise_on_error=False)
+            outcomes.append(Outcome(planned, result.status.value, time.perf_counter() - started))
+    nc = await nats.connect(nats_url)
+    try:
+        [budget] = (await BudgetClient(nc, Subjects()).status(StatusRequest(scope="user:intern"))).budgets
+    finally:
+        await nc.close()
+    refused = sum(o.status == "rejected" for o in outcomes)
+    console.print(f"budget: user:intern spent ${Decimal(budget.spent_micros) / 10**6} of "
+                  f"${Decimal(budget.limit_micros or 0) / 10**6}; {refused} further calls refused (-32010)")
+    return outcomes
+
+
 def summary_table(outcomes: list[Outcome]) -> Table:
     """Calls by status with p50/p99 latency, as the demo prints them."""
     table = Table("status", "calls", "p50 ms", "p99 ms", title="toolbus demo: calls by status")
@@ -149,7 +178,7 @@ def make_repository(path: Path) -> Path:
 
 
 def demo_config(repo: Path) -> Config:
-    """Three real MCP servers in one pool, one principal who may use them read-only."""
+    """Three real MCP servers in one pool, two principals who may use them read-only, and budgets."""
     python = sys.executable
     return parse_config({
         "servers": {
@@ -158,7 +187,21 @@ def demo_config(repo: Path) -> Config:
             "demo": {"command": python, "args": ["-m", "services.demo_tools"]},
         },
         "pools": {"default": {"workers": 1, "concurrency": 16}},
-        "principals": [{"name": "demo", "key_sha256": hash_api_key(DEMO_KEY), "roles": ["demo"]}],
+        "principals": [
+            {"name": "demo", "key_sha256": hash_api_key(DEMO_KEY), "roles": ["demo"],
+             "scope": {"org": "local", "user": "demo"}},
+            {"name": "intern", "key_sha256": hash_api_key(INTERN_KEY), "roles": ["demo"],
+             "scope": {"org": "local", "user": "intern"}},
+        ],
         "roles": {"demo": {"allow": ["time__*", "git__git_status", "git__git_log", "demo__*"],
                            "deny": ["git__git_commit", "demo__crash"]}},
+        "tools": {"demo__echo": {"cost_usd": "0.001"},
+                  "demo__summarize": {"cost_usd": "0.0005", "model": "demo-extractive-1", "max_tokens": 64}},
+        "models": {"demo-extractive-1": {"input_usd_per_mtok": 1, "output_usd_per_mtok": 4}},
+        "budgets": [
+            {"scope": "org:local", "limit_usd": 100, "window": "month", "alert_at": [0.8, 0.95]},
+            {"scope": "user:demo", "limit_usd": 5, "window": "day"},
+            {"scope": "user:intern", "limit_usd": "0.003", "window": "total"},
+            {"scope": "key:demo", "rpm": 6000},
+        ],
     }, source="<demo>")

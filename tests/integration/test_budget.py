@@ -38,6 +38,7 @@ USERS = {  # principal → (org, team, user scope name)
     "rate": ("acme", "rates", "rate"),
     "tokens": ("acme", "tok", "tokens"),
     "thrift": ("acme", "thrift", "thrift"),
+    "free": ("acme", "free", "free"),
 }
 
 
@@ -75,6 +76,7 @@ def budget_config() -> Config:
             {"scope": "key:rate", "rpm": 3},
             {"scope": "user:tokens", "limit_usd": 1, "window": "day"},
             {"scope": "user:thrift", "limit_usd": "0.20", "window": "day"},
+            {"scope": "user:free", "limit_usd": "0.01", "window": "day"},
         ],
         "accounting": {"economy_below": 0.5},
     }, source="<budget tests>")
@@ -93,9 +95,10 @@ async def accountant(budget_mesh: InProcessMesh) -> AsyncIterator[BudgetClient]:
     await nc.close()
 
 
-async def call_as(mesh: InProcessMesh, name: str, tool: str, count: int = 1, **arguments: object) -> list[CallResult]:
+async def call_as(mesh: InProcessMesh, name: str, tool: str, count: int = 1,
+                  args: dict[str, Any] | None = None) -> list[CallResult]:
+    args = {"text": "hi"} if args is None else args
     async with ToolbusClient(mesh.nats_url, api_key=key_of(name), prefix=PREFIX) as client:
-        args = arguments or {"text": "hi"}
         calls = (client.call(tool, args, timeout_s=60, raise_on_error=False) for _ in range(count))
         return list(await asyncio.gather(*calls))
 
@@ -164,9 +167,10 @@ async def test_requests_per_minute_are_limited_with_retry_after(budget_mesh: InP
 async def test_token_priced_tools_settle_their_usage_and_flag_overruns(budget_mesh: InProcessMesh,
                                                                        accountant: BudgetClient) -> None:
     """The hold pays for 5 tokens; the tool is told so and stops there; input beyond the hold is an overrun."""
-    [short] = await call_as(budget_mesh, "tokens", "demo__summarize", text="one two three")
+    [short] = await call_as(budget_mesh, "tokens", "demo__summarize", args={"text": "one two three"})
     assert short.text == "one two three"  # 3 in, 3 out: 1000 + 300 + 3000 micro-USD, inside the 6000 held
-    [long] = await call_as(budget_mesh, "tokens", "demo__summarize", text=" ".join(["w"] * 20), max_words=12)
+    [long] = await call_as(budget_mesh, "tokens", "demo__summarize",
+                          args={"text": " ".join(["w"] * 20), "max_words": 12})
     assert long.text.split()[:6] == ["w", "w", "w", "w", "w", "…"]  # capped at the hold's 5 tokens
     budget = await budget_of(accountant, "user:tokens")
     long_cost = 1000 + 20 * 100 + 5 * 1000  # 8000 against a 6000 hold
@@ -184,3 +188,15 @@ async def test_a_low_budget_routes_to_the_economy_tool(budget_mesh: InProcessMes
     # 1.0, 0.75 and 0.5 left (not under half): the dear tool; then 0.25 and 0.20 left: the economy tool.
     assert budget.by_tool == {"cheap__echo": 15 * CENT, "cheapest__echo": 2 * CENT}
     assert budget.spent_micros == 17 * CENT
+
+
+async def test_free_tools_of_a_budgeted_principal_settle_at_zero(budget_mesh: InProcessMesh,
+                                                                  accountant: BudgetClient) -> None:
+    """A tool with no price holds and settles nothing: its hold ends `settled`, the budget is untouched."""
+    [result] = await call_as(budget_mesh, "free", "demo__pid", args={})
+    assert result.status == "ok"
+    assert budget_mesh.budget is not None and budget_mesh.budget.ops is not None
+    hold = await budget_mesh.budget.ops.accountant.hold(result.call_id)
+    assert (hold["state"], hold["amount"], hold["actual"]) == ("settled", "0", "0")
+    budget = await budget_of(accountant, "user:free")
+    assert (budget.spent_micros, budget.held_micros) == (0, 0)

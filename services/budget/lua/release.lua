@@ -4,7 +4,7 @@
 --
 -- KEYS[1] the call's hold   KEYS[2] holds by expiry (zset)
 -- ARGV[1] JSON spec: {call_id, state: "released"|"expired", now, keep}
-local function fmt(n) return string.format('%.0f', n) end
+local function fmt(n) return string.format('%.0f', n + 0.0) end  -- + 0.0 turns -0 into 0 ("-0" is no integer)
 local spec = cjson.decode(ARGV[1])
 
 local state = redis.call('HGET', KEYS[1], 'state')

@@ -8,7 +8,7 @@
 --                     rates: [{scope, kind: "req"|"tok", limit}]}
 -- Amounts travel as decimal strings and are formatted with %.0f: Lua 5.1 numbers are doubles,
 -- exact for integers below 2^53 micro-USD (about 9 billion dollars).
-local function fmt(n) return string.format('%.0f', n) end
+local function fmt(n) return string.format('%.0f', n + 0.0) end  -- + 0.0 turns -0 into 0 ("-0" is no integer)
 local spec = cjson.decode(ARGV[1])
 
 if redis.call('GET', KEYS[1]) ~= spec.epoch then return {'epoch'} end
