@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.whole_path
 	$(BIN)/python -m bench.pools
+	$(BIN)/python -m bench.budget
 
 clean:
 	rm -rf $(VENV) .toolbus .mypy_cache .ruff_cache
