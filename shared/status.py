@@ -25,9 +25,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.budget_client import AccountantUnavailable, BudgetClient
 from shared.codec import unpack
 from shared.config import Config, PoolConfig
-from shared.contracts import Event, EventKind, WorkerBeat
+from shared.contracts import Event, EventKind, ScopeBudget, StatusReply, StatusRequest, WorkerBeat
 from shared.registry import Registry, WorkerRoster
 from shared.subjects import WORKERS_BUCKET, Stream, Subjects, work_durable
 
@@ -38,6 +39,7 @@ WINDOW_S = 60.0  # calls/s and percentiles cover this much recent history
 MIN_WINDOW_S = 1.0  # a brand-new EVENTS stream must not turn three calls into a huge rate
 EVENTS_READ_TIMEOUT_S = 2.0  # a busy mesh gets a partial sample rather than a slow status
 FETCH_BATCH = 512
+BUDGET_TIMEOUT_S = 2.0  # no accountant (accounting off) costs a status at most this
 FINAL_EVENTS = (EventKind.CALL_COMPLETED, EventKind.CALL_FAILED, EventKind.CALL_DEAD_LETTERED)
 
 
@@ -94,6 +96,9 @@ class MeshStatus(BaseModel):
 
     collected_at_ms: int
     pools: list[PoolStatus]
+    budgets: list[ScopeBudget] = Field(default_factory=list, description="Every budget in its current window.")
+    budgets_ok: bool | None = Field(default=None, description="False while Redis needs `toolbus budget rebuild`; "
+                                    "None when no accountant answered.")
 
 
 @dataclass
@@ -121,15 +126,25 @@ async def collect_status(nc: NatsClient, subjects: Subjects) -> MeshStatus:
     """Query everything concurrently and shape it into one status per pool."""
     js = nc.jetstream()
     now = _now_ms()
-    (config, beats, consumers), work, dlq, calls = await asyncio.gather(
+    (config, beats, consumers), work, dlq, calls, spend = await asyncio.gather(
         _roster_and_consumers(js),
         _stored_per_subject(js, Stream.WORK, subjects.work_pool("*")),
         _stored_per_subject(js, Stream.DLQ, subjects.dlq("*")),
         recent_calls(js, subjects, now),
+        _spend(nc, subjects),
     )
     snapshot = _Snapshot(config, beats, consumers, work, dlq, calls)
     pools = [_pool_status(pool, snapshot, subjects) for pool in pool_names(config, beats)]
-    return MeshStatus(collected_at_ms=now, pools=pools)
+    budgets, budgets_ok = (spend.budgets, spend.counters_ok) if spend else ([], None)
+    return MeshStatus(collected_at_ms=now, pools=pools, budgets=budgets, budgets_ok=budgets_ok)
+
+
+async def _spend(nc: NatsClient, subjects: Subjects) -> StatusReply | None:
+    """Every budget from the accountant, or None if none answers (accounting off, or down)."""
+    try:
+        return await BudgetClient(nc, subjects, BUDGET_TIMEOUT_S).status(StatusRequest())
+    except AccountantUnavailable:
+        return None
 
 
 def pool_names(config: Config, beats: Iterable[WorkerBeat]) -> list[str]:

@@ -113,7 +113,7 @@ def show(scope: Annotated[str | None, typer.Argument(help="One scope, e.g. user:
     if as_json:
         print(reply.model_dump_json(indent=2))
     elif reply.budgets or scope is None:
-        _print_budgets(reply)
+        print_budgets(reply)
     if reply.error:
         errors.print(f"[red]the budget service reported: {escape(reply.error)}[/red]")
     if scope is not None and not reply.budgets:
@@ -167,7 +167,8 @@ def _print_admin(reply: AdminReply, success: str) -> None:
     console.print(escape(success), highlight=False, soft_wrap=True)
 
 
-def _print_budgets(reply: StatusReply) -> None:
+def print_budgets(reply: StatusReply) -> None:
+    """The budgets table and per-tool/per-model spend lines (`budget show`, `status`)."""
     if not reply.budgets:
         console.print("no budgets: none in the config and none set at runtime")
         return

@@ -13,7 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from shared.cli.budget import print_budgets
 from shared.cli.common import DEFAULT_DATA_DIR, DataDir, NatsUrl, resolve_bus
+from shared.contracts import StatusReply
 from shared.registry import RegistryNotReady
 from shared.status import MeshStatus, PoolStatus, collect_status
 from shared.subjects import Subjects
@@ -71,6 +73,10 @@ def _print_tables(mesh: MeshStatus) -> None:
         console.print("no pools serve a backend and no workers are alive")
     for pool in mesh.pools:
         console.print(pool_table(pool))
+    if mesh.budgets_ok is False:
+        console.print("[red]budget counters were lost: budgeted calls are refused until `toolbus budget rebuild`[/red]")
+    if mesh.budgets:
+        print_budgets(StatusReply(budgets=mesh.budgets, counters_ok=bool(mesh.budgets_ok)))
 
 
 def pool_table(pool: PoolStatus) -> Table:

@@ -23,6 +23,7 @@ from shared.client import CallResult, ToolbusClient
 from shared.config import Config, hash_api_key, parse_config
 from shared.contracts import ScopeBudget, StatusRequest
 from shared.embedded import NatsServer, RedisServer
+from shared.status import collect_status
 from shared.subjects import Subjects
 from tests.helpers import InProcessMesh
 
@@ -200,3 +201,16 @@ async def test_free_tools_of_a_budgeted_principal_settle_at_zero(budget_mesh: In
     assert (hold["state"], hold["amount"], hold["actual"]) == ("settled", "0", "0")
     budget = await budget_of(accountant, "user:free")
     assert (budget.spent_micros, budget.held_micros) == (0, 0)
+
+
+async def test_mesh_status_reports_spend_per_budget(budget_mesh: InProcessMesh) -> None:
+    """`toolbus status` carries every budget's spend next to the pools."""
+    nc = await nats.connect(budget_mesh.nats_url)
+    try:
+        status = await collect_status(nc, Subjects(PREFIX))
+    finally:
+        await nc.close()
+    assert status.budgets_ok is True
+    spend = {(b.scope, b.window): b.spent_micros for b in status.budgets}
+    assert spend[("user:fay", "total")] == 2 * CENT
+    assert ("key:rate", None) in spend  # a scope with only a rate limit is listed too
