@@ -77,16 +77,22 @@ class Outcomes:
         }
 
     async def emit(self, *kinds: EventKind, **fields: Any) -> None:
-        """Publish events durably (JetStream, acks awaited together), sharing the given fields."""
+        """Publish events durably (JetStream, acks awaited together), sharing the given fields.
+
+        `dedupe` distinguishes several events of one kind about one call (e.g. the alerts one
+        settlement fires); without it they would share a message id and EVENTS would keep one.
+        """
+        dedupe = str(fields.pop("dedupe", ""))
         fields.setdefault("trace_id", current_trace_id())
         stamp = now_ms()
         events = [Event(kind=kind, ts_ms=stamp, source=self.source, **fields) for kind in kinds]
-        await asyncio.gather(*(self._publish_event(event) for event in events))
+        await asyncio.gather(*(self._publish_event(event, dedupe) for event in events))
 
-    async def _publish_event(self, event: Event) -> None:
+    async def _publish_event(self, event: Event, dedupe: str) -> None:
         headers = {Header.CONTENT_TYPE: CONTENT_MSGPACK, **trace_headers()}
         if event.call_id:  # a publish retried after a lost PubAck is deduplicated by EVENTS
-            headers[Header.MSG_ID] = f"{event.kind.value}:{event.call_id}:{event.attempt or 0}:{self.source}"
+            msg_id = f"{event.kind.value}:{event.call_id}:{event.attempt or 0}:{self.source}"
+            headers[Header.MSG_ID] = f"{msg_id}:{dedupe}" if dedupe else msg_id
         await self._publish(self._subjects.event(event.kind.value), pack(event), headers)
 
     async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:

@@ -92,6 +92,11 @@ def fold(events: Iterable[Event]) -> Folded:
     return folded
 
 
+def _tokens(value: object) -> int:
+    """The hold's token cap as stored in a hold record: -1 for none (0 is a real cap)."""
+    return -1 if value is None else int(str(value))
+
+
 def _apply(calls: dict[str, CallEntry], call_id: str, event: Event) -> None:
     entry = calls.get(call_id)
     if event.kind is EventKind.BUDGET_RESERVED:
@@ -99,7 +104,7 @@ def _apply(calls: dict[str, CallEntry], call_id: str, event: Event) -> None:
             calls[call_id] = CallEntry(
                 buckets=list(event.buckets), hold=event.cost_micros or 0, tool=event.tool or "",
                 expires_at_ms=int(event.detail.get("expires_at_ms") or 0),
-                max_tokens=int(event.detail.get("max_tokens") or -1),
+                max_tokens=_tokens(event.detail.get("max_tokens")),
             )
     elif entry is None:
         return  # a settle or release of a hold the ledger never saw reserved: nothing was charged
@@ -112,24 +117,29 @@ def _apply(calls: dict[str, CallEntry], call_id: str, event: Event) -> None:
 
 
 async def read_ledger(js: JetStreamContext, subjects: Subjects) -> list[Event]:
-    """Every budget ledger event still in EVENTS, oldest first."""
+    """Every budget event still in EVENTS, in stream order (the order they were written).
+
+    Stream order, not timestamps: two accountant replicas stamp events with their own clocks,
+    and a settle must never be folded before the reserve it settles.
+    """
+    subject = subjects.event("budget.>")
+    info = await js.stream_info(Stream.EVENTS.value, subjects_filter=subject)
+    stored = sum((info.state.subjects or {}).values())
     events: list[Event] = []
-    for kind in LEDGER_KINDS:
-        subject = subjects.event(kind.value)
-        info = await js.stream_info(Stream.EVENTS.value, subjects_filter=subject)
-        stored = sum((info.state.subjects or {}).values())
-        if not stored:
-            continue
-        subscription = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-        try:
-            for _ in range(stored):
-                msg = await subscription.next_msg(timeout=10)
-                events.append(unpack(Event, msg.data))
-                if msg.metadata.num_pending == 0:
-                    break
-        finally:
-            await subscription.unsubscribe()
-    return sorted(events, key=lambda event: event.ts_ms)
+    if not stored:
+        return events
+    subscription = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    try:
+        for _ in range(stored):
+            msg = await subscription.next_msg(timeout=10)
+            event = unpack(Event, msg.data)
+            if event.kind in LEDGER_KINDS:
+                events.append(event)
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await subscription.unsubscribe()
+    return events
 
 
 def bucket_of(accountant: Accountant, name: str, book: LimitBook) -> Bucket:

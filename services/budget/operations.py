@@ -50,7 +50,8 @@ Clock = Callable[[], int]
 
 
 class Emit(Protocol):
-    """Publishes events durably (`shared.outcomes.Outcomes.emit`)."""
+    """Publishes events durably (`shared.outcomes.Outcomes.emit`); a `dedupe` field is a message-id
+    suffix keeping apart several events of one kind about one call, not part of the event."""
 
     def __call__(self, *kinds: EventKind, **fields: Any) -> Awaitable[None]: ...
 
@@ -175,6 +176,7 @@ class BudgetOperations:
                                  "late": done.late, "model": model, "outcome": done.outcome})
         for bucket, threshold in done.alerts:
             await self._emit(EventKind.BUDGET_ALERT, call_id=request.call_id, tool=request.tool,
+                             dedupe=f"{bucket}@{threshold}",  # one message id per alert, not per call
                              detail={"bucket": bucket, "scope": bucket.rsplit(":", 1)[0], "threshold": threshold})
         if done.overrun_micros or done.late:
             log.warning("budget.over_hold", call_id=request.call_id, overrun_micros=done.overrun_micros,
