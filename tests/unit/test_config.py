@@ -64,7 +64,37 @@ def test_example_file_loads() -> None:
     assert config.roles["analyst"].deny == ["git__git_commit"]
     assert config.budgets[0].scope_kind == "org"
     assert config.limits.max_body_bytes == 512 * 1024
+    assert config.tools["demo__summarize"].model == "demo-extractive-1"
+    assert config.models["demo-extractive-1"].output_usd_per_mtok == Decimal("1.5")
+    assert config.accounting.hold_ttl_s == 600
     assert set(Config.model_fields) <= set(json.loads(config_to_json(config)))
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "reason"),
+    [
+        ({"tools": {"t__a": {"model": "nope", "max_tokens": 5}}}, "tools.t__a.model", "unknown model 'nope'"),
+        ({"models": {"m": {}}, "tools": {"t__a": {"model": "m"}}}, "tools.t__a.model", "needs max_tokens"),
+        ({"tools": {"t__a": {"economy": "t__a"}}}, "tools.t__a.economy", "its own economy tool"),
+        ({"budgets": [{"scope": "user:a", "limit_usd": 1}, {"scope": "user:a", "limit_usd": 2}]},
+         "budgets[1]", "duplicate day limit for user:a"),
+        ({"budgets": [{"scope": "key:a", "rpm": 1}, {"scope": "key:a", "tpm": 2}]},
+         "budgets[1]", "duplicate rate limit for key:a"),
+    ],
+)
+def test_budget_and_pricing_mistakes_are_refused_with_their_path(data: dict[str, object], path: str,
+                                                                  reason: str) -> None:
+    """Prices and budgets that could not be enforced as written are refused at load, naming the field."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, env={})
+    assert any(p.path == path and reason in p.reason for p in caught.value.problems), caught.value.problems
+
+
+def test_a_principal_s_budget_scopes_run_from_org_to_its_key() -> None:
+    """Budget scopes come from the principal, widest first, ending with `key:<principal name>`."""
+    config = parse_config({"principals": [{"name": "al", "key_sha256": "0" * 64,
+                                           "scope": {"org": "o", "project": "p", "user": "u"}}]}, env={})
+    assert config.principals[0].budget_scopes() == ["org:o", "project:p", "user:u", "key:al"]
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
