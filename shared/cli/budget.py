@@ -20,8 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from shared.budget_client import AccountantUnavailable, BudgetClient
-from shared.bus import connect
-from shared.cli.common import DEFAULT_DATA_DIR, DataDir, NatsUrl, resolve_bus
+from shared.cli.common import DEFAULT_DATA_DIR, DataDir, NatsUrl, connect_once, resolve_bus
 from shared.config import BUDGET_SCOPE_KINDS
 from shared.contracts import AdminReply, ScopeBudget, SetLimitRequest, StatusReply, StatusRequest
 from shared.contracts.budget import Window
@@ -214,7 +213,7 @@ def _run(nats_url: str | None, data_dir: Path, action: Callable[[BudgetClient], 
     url, prefix = resolve_bus(nats_url, data_dir)
 
     async def run() -> T:
-        nc = await connect(url, name="toolbus-cli")
+        nc = await connect_once(url)
         try:
             return await action(BudgetClient(nc, Subjects(prefix), REQUEST_TIMEOUT_S))
         finally:

@@ -10,8 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.bus import connect
-from shared.cli.common import DEFAULT_DATA_DIR, DataDir, NatsUrl, parse_assignment, resolve_bus
+from shared.cli.common import DEFAULT_DATA_DIR, DataDir, NatsUrl, connect_once, parse_assignment, resolve_bus
 from shared.client import CallResult, ToolbusClient, ToolbusUnavailable
 from shared.contracts import ToolSpec
 from shared.registry import Registry, RegistryNotReady
@@ -89,7 +88,7 @@ def tools(
 
 
 async def _registered_tools(url: str) -> list[ToolSpec]:
-    nc = await connect(url, name="toolbus-cli")
+    nc = await connect_once(url)
     try:
         registry = await Registry.open(nc.jetstream())
         return sorted((await registry.tools()).values(), key=lambda s: s.public_name)

@@ -23,8 +23,7 @@ from nats.js.errors import NotFoundError
 from rich.console import Console
 from rich.table import Table
 
-from shared.bus import connect
-from shared.cli.common import DEFAULT_DATA_DIR, DataDir, NatsUrl, resolve_bus
+from shared.cli.common import DEFAULT_DATA_DIR, DataDir, NatsUrl, connect_once, resolve_bus
 from shared.codec import pack, unpack
 from shared.contracts import DeadLetter
 from shared.outcomes import now_ms
@@ -145,7 +144,7 @@ def _run(nats_url: str | None, data_dir: Path, action: Callable[[JetStreamContex
     url, prefix = resolve_bus(nats_url, data_dir)
 
     async def run() -> T:
-        nc = await connect(url, name="toolbus-cli")
+        nc = await connect_once(url)
         try:
             return await action(nc.jetstream(), Subjects(prefix))
         finally:

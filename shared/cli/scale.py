@@ -10,8 +10,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from rich.console import Console
 
-from shared.bus import connect
-from shared.cli.common import DEFAULT_DATA_DIR, DataDir, NatsUrl, resolve_bus
+from shared.cli.common import DEFAULT_DATA_DIR, DataDir, NatsUrl, connect_once, resolve_bus
 from shared.contracts import ScaleReply, ScaleRequest
 from shared.subjects import Subjects
 
@@ -39,7 +38,7 @@ def scale(
 
 
 async def request_scale(url: str, prefix: str, request: ScaleRequest) -> ScaleReply:
-    nc = await connect(url, name="toolbus-cli")
+    nc = await connect_once(url)
     try:
         msg = await nc.request(Subjects(prefix).mesh("scale"), request.model_dump_json().encode(),
                                timeout=SCALE_TIMEOUT_S)

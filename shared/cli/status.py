@@ -8,13 +8,12 @@ from typing import Annotated
 import nats
 import nats.errors
 import typer
-from nats.aio.client import Client as NatsClient
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from shared.cli.budget import print_budgets
-from shared.cli.common import DEFAULT_DATA_DIR, DataDir, NatsUrl, resolve_bus
+from shared.cli.common import DEFAULT_DATA_DIR, DataDir, NatsUrl, connect_once, resolve_bus
 from shared.contracts import StatusReply
 from shared.registry import RegistryNotReady
 from shared.status import MeshStatus, PoolStatus, collect_status
@@ -47,25 +46,11 @@ def status(
 
 async def _collect(url: str, prefix: str) -> MeshStatus:
     async with asyncio.timeout(STATUS_TIMEOUT_S):
-        nc = await _connect_once(url)
+        nc = await connect_once(url, name="toolbus-status")
         try:
             return await collect_status(nc, Subjects(prefix))
         finally:
             await nc.close()
-
-
-async def _connect_once(url: str) -> NatsClient:
-    """Fail fast on a dead NATS: `shared.bus.connect` retries forever, right for services, not for a CLI.
-
-    nats-py quirks: `max_reconnect_attempts=0` retries forever too, and `allow_reconnect=False` still
-    waits 60 x 2 s on the initial connect; one attempt with a short wait ends in ~0.1 s.
-    """
-
-    async def quiet(_error: Exception) -> None:
-        return None  # the failure surfaces as NoServersError; per-attempt logs would only be noise
-
-    return await nats.connect(url, name="toolbus-status", connect_timeout=2, max_reconnect_attempts=1,
-                              reconnect_time_wait=0.1, error_cb=quiet)
 
 
 def _print_tables(mesh: MeshStatus) -> None:

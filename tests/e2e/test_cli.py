@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import hash_api_key
+from shared.mesh import free_port
 from tests.conftest import ADMIN_KEY
 from tests.helpers import toolbus, toolbus_up
 
@@ -82,3 +83,13 @@ def test_tools_lists_the_registry(running_mesh: tuple[Path, dict[str, object]]) 
     assert {"demo__echo", "demo__sleep_ms", "demo__summarize"} <= set(specs)
     assert specs["demo__echo"]["pool"] == "default"
     assert specs["demo__echo"]["input_schema"]["required"] == ["text"]
+
+
+@pytest.mark.parametrize("command", [["status"], ["tools"], ["dlq", "list"], ["budget", "show"],
+                                     ["scale", "default", "2"]])
+def test_commands_fail_fast_on_a_dead_nats(command: list[str], tmp_path: Path) -> None:
+    """Against a NATS that is not there, a command exits 1 within seconds and names the URL (no retry loop)."""
+    dead = f"nats://127.0.0.1:{free_port()}"
+    done = toolbus(*command, "--nats-url", dead, "--data-dir", str(tmp_path), timeout=30)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert dead in " ".join((done.stdout + done.stderr).split())
