@@ -48,10 +48,6 @@ class Bucket:
     keep_s: int
     alerts: list[tuple[str, int]]
 
-    @property
-    def scope(self) -> str:
-        return self.name.rsplit(":", 1)[0]
-
     def as_spec(self) -> dict[str, Any]:
         return {"key": self.key, "name": self.name, "limit": str(self.limit_micros), "keep": self.keep_s,
                 "alerts": [[label, str(micros)] for label, micros in self.alerts]}

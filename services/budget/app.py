@@ -60,7 +60,7 @@ OP_SECONDS = Histogram("toolbus_budget_op_seconds", "Time to answer one budget r
                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0))
 QUEUE = "budget"
 REAP_EVERY_S = 0.5
-REFRESH_EVERY_S = 1.0
+EPOCH_CHECK_EVERY_S = 1.0
 STOP_TASKS_S = 5.0
 Handler = Callable[[bytes], Awaitable[BaseModel]]
 
@@ -118,8 +118,8 @@ class BudgetService:
         for verb, handler in handlers.items():
             await self._nc.subscribe(self._subjects.budget(verb), queue=QUEUE, cb=self._responder(verb, handler))
         self._spawn(self._every(REAP_EVERY_S, self._reap))
-        self._spawn(self._every(REFRESH_EVERY_S, self._refresh))
-        self._spawn(registry.watch(_ignore_tool, self._on_config))
+        self._spawn(self._every(EPOCH_CHECK_EVERY_S, self._recheck_epoch))
+        self._spawn(registry.watch(_ignore_tool, self._on_config, self._on_budget_limits))
         self._ready = True
 
     async def stop(self) -> None:
@@ -246,11 +246,9 @@ class BudgetService:
         if not self._rebuilding.locked():
             await self._ops.reap()
 
-    async def _refresh(self) -> None:
-        """Pick up runtime limits set through another replica, and a rebuild done elsewhere."""
-        assert self._kv is not None
+    async def _recheck_epoch(self) -> None:
+        """Pick up a rebuild done by another replica."""
         books = self._ops.books
-        books.limits = LimitBook(books.config.budgets, await load_overrides(self._kv))
         if not books.counters_ok and not self._rebuilding.locked():
             books.counters_ok = await self._ops.accountant.epoch() == books.epoch
 
@@ -258,6 +256,11 @@ class BudgetService:
         books = self._ops.books
         books.config = config
         books.limits = LimitBook(config.budgets, books.limits.overrides)
+
+    def _on_budget_limits(self, overrides: list[SetLimitRequest]) -> None:
+        """Runtime limits set through any replica (the registry watch the router uses too)."""
+        books = self._ops.books
+        books.limits = LimitBook(books.config.budgets, overrides)
 
     async def _every(self, seconds: float, work: Callable[[], Awaitable[None]]) -> None:
         while True:

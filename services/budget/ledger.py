@@ -145,7 +145,7 @@ async def read_ledger(js: JetStreamContext, subjects: Subjects) -> list[Event]:
 def bucket_of(accountant: Accountant, name: str, book: LimitBook) -> Bucket:
     """A bucket rebuilt from its name (`<scope>:<window key>`) and the limits now in force."""
     scope, window_part = name.rsplit(":", 1)
-    window: Window = WINDOW_PREFIXES.get(window_part[:1], "total") if window_part != "total" else "total"
+    window: Window = WINDOW_PREFIXES.get(window_part[:1], "total")  # d20261121, m202611 or total
     limit = book.spend.get((scope, window))
     limit_micros = limit.limit_micros if limit else 0
     alerts = limit.thresholds() if limit else []

@@ -71,10 +71,6 @@ class LimitBook:
     def rate_limits(self, scopes: list[str]) -> list[RateLimit]:
         return [self.rates[scope] for scope in scopes if scope in self.rates]
 
-    def applies_to(self, scopes: list[str]) -> bool:
-        """True if any limit at all applies to a principal with these scopes."""
-        return any(s in self.rates for s in scopes) or any(scope in scopes for scope, _ in self.spend)
-
 
 async def load_overrides(kv: KeyValue) -> list[SetLimitRequest]:
     """The runtime limits stored in the registry (none if never set)."""

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import structlog
 from redis.exceptions import RedisError
 
-from services.budget.accountant import Accountant, Counter, Reservation
-from services.budget.limits import LimitBook, SpendLimit
+from services.budget.accountant import Accountant, Bucket, Counter, Reservation
+from services.budget.limits import LimitBook, RateLimit, SpendLimit
 from services.budget.pricing import actual_cost, estimate
 from services.budget.windows import resets_at_ms, window_key
 from shared.config import Config
@@ -87,21 +87,20 @@ class BudgetOperations:
             return self._unavailable(request, "budget counters were lost; run `toolbus budget rebuild`")
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S):
-                return await self._reserve(request, limits)
+                return await self._reserve(request, limits, rates)
         except (RedisError, OSError, TimeoutError) as error:
             log.warning("budget.reserve_failed_closed", call_id=request.call_id, error=repr(error))
             return self._unavailable(request, "budget accounting is unavailable")
 
-    async def _reserve(self, request: ReserveRequest, limits: list[SpendLimit]) -> ReserveReply:
+    async def _reserve(self, request: ReserveRequest, limits: list[SpendLimit], rates: list[RateLimit]) -> ReserveReply:
         now = self._clock()
-        tool = await self._choose_tool(request.tools, limits, now)
+        buckets = [self.accountant.bucket(limit, now) for limit in limits]
+        tool = await self._choose_tool(request.tools, buckets)
         cost = estimate(self.books.config, tool)
         expires = request.start_by_ms + request.run_ms + int(self.books.config.accounting.settle_margin_s * 1000)
-        buckets = [self.accountant.bucket(limit, now) for limit in limits]
         result = await self.accountant.reserve(
-            request.call_id, amount_micros=cost.hold_micros, tool=tool, buckets=buckets,
-            rates=self.books.limits.rate_limits(request.scopes), expires_at_ms=expires,
-            max_tokens=cost.max_tokens, now_ms=now, epoch=self.books.epoch,
+            request.call_id, amount_micros=cost.hold_micros, tool=tool, buckets=buckets, rates=rates,
+            expires_at_ms=expires, max_tokens=cost.max_tokens, now_ms=now, epoch=self.books.epoch,
         )
         if result.outcome == "epoch":
             self.books.counters_ok = False
@@ -113,14 +112,14 @@ class BudgetOperations:
             await self._ledger_reserved(request, result, [b.name for b in buckets])
         return _granted(request.call_id, result)
 
-    async def _choose_tool(self, tools: list[str], limits: list[SpendLimit], now: int) -> str:
+    async def _choose_tool(self, tools: list[str], buckets: list[Bucket]) -> str:
         """Cost-aware routing: the economy tool when any scope has less than `economy_below` left."""
-        if len(tools) < 2 or not limits:  # the tool and its economy alternative
+        if len(tools) < 2 or not buckets:  # the tool and its economy alternative
             return tools[0]
-        counters = await self.accountant.counters([self.accountant.bucket(limit, now).name for limit in limits])
+        counters = await self.accountant.counters([bucket.name for bucket in buckets])
         below = self.books.config.accounting.economy_below
-        low = any(limit.limit_micros == 0 or (limit.limit_micros - c.spent - c.held) / limit.limit_micros < below
-                  for limit, c in zip(limits, counters, strict=True))
+        low = any(b.limit_micros == 0 or (b.limit_micros - c.spent - c.held) / b.limit_micros < below
+                  for b, c in zip(buckets, counters, strict=True))
         return tools[1] if low else tools[0]
 
     async def _ledger_reserved(self, request: ReserveRequest, result: Reservation, buckets: list[str]) -> None:

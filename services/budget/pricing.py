@@ -23,11 +23,6 @@ def usd_to_micros(usd: Decimal) -> int:
     return int((usd * MICROS_PER_USD).to_integral_value(rounding=ROUND_CEILING))
 
 
-def micros_to_usd(micros: int) -> Decimal:
-    """Micro-USD back to exact Decimal USD, for display."""
-    return Decimal(micros) / MICROS_PER_USD
-
-
 @dataclass(frozen=True)
 class Estimate:
     """The hold for one call of a tool, and the tokens that hold pays for (token-priced tools)."""

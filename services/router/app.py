@@ -76,10 +76,10 @@ class RouterService:
         config = await registry.get_config()
         await provision_streams(js, self._subjects, replicas=config.nats.replicas)  # never downgrade R3 to R1
         self._table = RoutingTable(config, await registry.tools())
+        self._budget = BudgetClient(self._nc, self._subjects, config.accounting.timeout_s)
         self._watch = asyncio.create_task(registry.watch(self._on_tool, self._on_config, self._on_budget_limits))
         self._backlog_task = asyncio.create_task(self._watch_backlog(js))
         self._outcomes = Outcomes(self._nc, js, self._subjects, source=self._settings.instance)
-        self._budget = BudgetClient(self._nc, self._subjects)
         await ensure_consumer(js, Stream.CALLS, ConsumerConfig(durable_name=DURABLE, ack_wait=self._settings.ack_wait_s,
                                                                 max_ack_pending=4 * self._settings.max_in_flight))
         pull = PullSettings(Stream.CALLS, DURABLE, max_in_flight=self._settings.max_in_flight)
@@ -113,8 +113,9 @@ class RouterService:
         self._table.tools[spec.public_name] = spec
 
     def _on_config(self, config: Config) -> None:
-        assert self._table is not None
+        assert self._table is not None and self._budget is not None
         self._table = self._table.with_config(config)
+        self._budget.timeout_s = config.accounting.timeout_s
 
     def _on_budget_limits(self, limits: list[SetLimitRequest]) -> None:
         assert self._table is not None
@@ -148,7 +149,6 @@ class RouterService:
         assert self._table is not None and self._budget is not None
         if decision.work is None or not self._table.is_budgeted(decision.scopes):
             return
-        self._budget.timeout_s = self._table.config.accounting.timeout_s
         await reserve_budget(self._budget, self._table.config, decision)
 
     async def _dispatch(self, work: WorkItem) -> None:
