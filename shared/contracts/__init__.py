@@ -1,5 +1,16 @@
 """Pydantic models of every message toolbus puts on the bus: the source of `contracts/`."""
 
+from shared.contracts.audit import (
+    Activity,
+    AuditActor,
+    AuditBody,
+    AuditEnvelope,
+    AuditEvent,
+    AuditResource,
+    InclusionBundle,
+    Outcome,
+    ResultDigest,
+)
 from shared.contracts.budget import (
     AdminReply,
     BudgetHold,
@@ -32,8 +43,14 @@ from shared.contracts.registry import (
 from shared.contracts.work import Attempt, DeadLetter, WorkItem
 
 __all__ = [
+    "Activity",
     "AdminReply",
     "Attempt",
+    "AuditActor",
+    "AuditBody",
+    "AuditEnvelope",
+    "AuditEvent",
+    "AuditResource",
     "BreakerView",
     "BudgetHold",
     "CallStatus",
@@ -42,14 +59,17 @@ __all__ = [
     "Event",
     "EventKind",
     "HoldState",
+    "InclusionBundle",
     "JsonRpcError",
     "LedgerReply",
+    "Outcome",
     "RebuildRequest",
     "Refusal",
     "RefusalReason",
     "ReleaseRequest",
     "ReserveReply",
     "ReserveRequest",
+    "ResultDigest",
     "RuntimeInfo",
     "ScaleReply",
     "ScaleRequest",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -66,4 +67,9 @@ class Event(BaseModel):
     duration_ms: float | None = None
     cost_micros: int | None = Field(default=None, description="Money moved by a budget event (micro-USD).")
     buckets: list[str] = Field(default_factory=list, description="Budget counters touched: `<scope>:<window key>`.")
+    risk: int | None = Field(default=None, description="Injection risk score 0..100 the router gave the call.")
+    arguments: Any = Field(default=None, description="The call's arguments, secret-like fields redacted.")
+    arguments_sha256: str | None = Field(default=None, description="SHA-256 of the arguments' RFC 8785 JSON.")
+    result_bytes: int | None = Field(default=None, description="Size of the published result.")
+    result_sha256: str | None = Field(default=None, description="SHA-256 of the published result.")
     detail: dict[str, str | int | float | bool | None] = Field(default_factory=dict)

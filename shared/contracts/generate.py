@@ -29,6 +29,7 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, TypeAdapter
 
 from shared import contracts
+from shared.contracts.audit import AuditEnvelope
 from shared.contracts.budget import ReserveRequest
 from shared.contracts.events import CallStatus, Event, EventKind
 from shared.contracts.jsonrpc import ToolCallRequest, ToolCallResponse
@@ -225,11 +226,7 @@ def _audit(s: Subjects) -> ChannelSpec:
     return ChannelSpec(
         key="audit", address=s.audit(_slot("log_id"), _slot("chain_id")), message="AuditRecord",
         summary="Hash-chained, writer-signed audit records, one chain per writer (stream AUDIT).",
-        payload={"description": "An audit record: `{v, log_id, chain_id, chain_seq, prev, ts, writer_id, event: "
-                 "{class_uid, activity_id, actor, action, resource, outcome, reason, call_id, trace_id, risk, "
-                 "cost_micros}}` (OCSF API Activity where it fits). Its hash is SHA-256(0x00 || RFC 8785 "
-                 "canonical JSON of the body); `prev` is the previous hash on the chain; the writer signs "
-                 "each record with Ed25519. Secrets never enter a record."},
+        payload=_payload_ref(AuditEnvelope),
         content_type=CONTENT_JSON, headers=_headers((Header.MSG_ID,), required=(Header.MSG_ID,)),
         parameters={"log_id": _param("Audit log id."), "chain_id": _param("Chain id, one per writer replica.")},
         action="receive", operation="Internal: the audit logger appends one record per event, with "

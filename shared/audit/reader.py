@@ -1,0 +1,64 @@
+"""Reading an audit log out of NATS: records and checkpoints in stream order, and stream policies.
+
+An ordered consumer per read (ephemeral: nothing is left behind on the server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+
+from shared.audit.verifier import StoredMessage, StreamPolicy
+from shared.subjects import Stream, Subjects
+
+READ_TIMEOUT_S = 10.0  # between two messages of a log being read; a stall beyond it is an error
+
+
+async def stream_messages(js: JetStreamContext, stream: Stream, subject: str,
+                          start_seq: int = 1) -> AsyncIterator[StoredMessage]:
+    """Every message of `stream` on `subject` (wildcards allowed) from `start_seq`, in order.
+
+    An ordered push consumer (flow-controlled, recreated by nats-py on a gap), read until the
+    server says nothing is pending: what is appended meanwhile is included up to that point.
+    """
+    info = await js.stream_info(stream.value, subjects_filter=subject)
+    if not sum((info.state.subjects or {}).values()):
+        return
+    sub = await js.subscribe(subject, stream=stream.value, ordered_consumer=True, idle_heartbeat=1.0,
+                             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                             config=ConsumerConfig(opt_start_seq=start_seq))
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=READ_TIMEOUT_S)
+            yield StoredMessage(msg.metadata.sequence.stream, msg.subject, msg.data)
+            if msg.metadata.num_pending == 0:
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def read_all(js: JetStreamContext, stream: Stream, subject: str) -> list[StoredMessage]:
+    """`stream_messages` as a list."""
+    return [msg async for msg in stream_messages(js, stream, subject)]
+
+
+async def stream_policy(js: JetStreamContext, stream: Stream) -> StreamPolicy:
+    """What the verifier checks of one stream's config."""
+    info = await js.stream_info(stream.value)
+    config: StreamConfig = info.config
+    unlimited = all(not value or value < 0 for value in (config.max_age, config.max_msgs, config.max_bytes,
+                                                          config.max_msgs_per_subject))
+    return StreamPolicy(
+        name=stream.value, deny_delete=bool(config.deny_delete), deny_purge=bool(config.deny_purge),
+        allow_rollup=bool(config.allow_rollup_hdrs), file_storage=config.storage == StorageType.FILE,
+        unlimited=unlimited, first_seq=info.state.first_seq if info.state.messages else 1,
+    )
+
+
+def log_subject(subjects: Subjects, log_id: str) -> str:
+    """Every chain of one log."""
+    return subjects.audit(log_id, "*")
