@@ -20,6 +20,8 @@ The file is YAML with these top-level sections, all optional::
                alert_at: [...], rpm, tpm}]
     accounting: {enabled, hold_ttl_s, settle_margin_s, economy_below, timeout_s}
     limits:  {max_body_bytes, max_depth}
+    audit:   {enabled, log_id, arguments, checkpoint_every, checkpoint_interval_s,
+              signing_key, witness_file, writers, max_skew_s, stale_after_s}
 
 ``${VAR}`` in any string value is replaced from the environment. A top-level
 section set to null counts as absent. The pool ``default`` always exists.
@@ -59,6 +61,7 @@ __all__ = [
     "NAME_PATTERN",
     "TOOL_SEPARATOR",
     "AccountingConfig",
+    "AuditConfig",
     "BackoffConfig",
     "BreakerConfig",
     "BudgetConfig",
@@ -479,6 +482,25 @@ class LimitsConfig(BaseModel):
     max_depth: int = Field(default=32, ge=1, description="JSON nesting in arguments.")
 
 
+class AuditConfig(BaseModel):
+    """The audit log: where records go, how arguments are kept, how often it is checkpointed."""
+
+    model_config = _MODEL_CONFIG
+
+    enabled: bool = Field(default=True, description="Run the audit writer and checkpointer.")
+    log_id: str = Field(default="main", pattern=NAME_PATTERN, description="Log id: subject token and note origin.")
+    arguments: Literal["redacted", "sha256"] = Field(
+        default="redacted", description="Keep arguments with secret-like fields redacted, or only their sha256.")
+    checkpoint_every: int = Field(default=1000, ge=1, description="Sign a checkpoint after this many records...")
+    checkpoint_interval_s: float = Field(default=10, gt=0, description="...or this long after the last one.")
+    signing_key: _NonEmptyStr | None = Field(
+        default=None, description="Log signing key file (`toolbus audit keygen`); none: <data-dir>/audit/log.key.")
+    witness_file: _NonEmptyStr | None = Field(default=None, description="Also append every checkpoint here.")
+    writers: int = Field(default=1, ge=1, le=16, description="Audit writer replicas, one chain each.")
+    max_skew_s: float = Field(default=5, ge=0, description="Clock skew the verifier tolerates.")
+    stale_after_s: float = Field(default=300, gt=0, description="Verify warns when the newest checkpoint is older.")
+
+
 class Config(BaseModel):
     """The whole toolbus configuration; the pool ``default`` always exists."""
 
@@ -496,6 +518,7 @@ class Config(BaseModel):
     models: dict[str, ModelPrice] = Field(default_factory=dict)
     accounting: AccountingConfig = Field(default_factory=AccountingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="before")
     @classmethod

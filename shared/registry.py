@@ -59,8 +59,9 @@ class Registry:
         config = KeyValueConfig(bucket=REGISTRY_BUCKET, history=5, storage=StorageType.FILE, replicas=replicas)
         return cls(await js.create_key_value(config))
 
-    async def put_config(self, config: Config) -> None:
-        await self._kv.put(CONFIG_KEY, config_to_json(config))
+    async def put_config(self, config: Config) -> int:
+        """Publish the config; its KV revision."""
+        return int(await self._kv.put(CONFIG_KEY, config_to_json(config)))
 
     async def get_config(self) -> Config:
         try:

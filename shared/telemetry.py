@@ -26,6 +26,12 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 # Whole name parts only: `api_key`, `token`, `Authorization` are secrets; `input_tokens`, `monkey` are not.
 SECRET_KEY = re.compile(r"(^|[_-])(api_?key|key|token|secret|password|passwd|authorization|cookie)$", re.IGNORECASE)
+# Values that are credentials whatever their field is called: bearer tokens and well-known key shapes.
+SECRET_VALUE = re.compile(
+    r"^(bearer\s+\S+|sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|xox[abprs]-[A-Za-z0-9-]{10,}"
+    r"|AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY-----.*)$",
+    re.IGNORECASE | re.DOTALL,
+)
 REDACTED = "[redacted]"
 
 
@@ -37,12 +43,19 @@ def redact_secrets(_logger: object, _method: str, event: MutableMapping[str, Any
     return event
 
 
+def redact(value: Any) -> Any:
+    """A copy of a JSON-like value with secret-named fields and credential-shaped strings redacted."""
+    return _redacted("", value)
+
+
 def _redacted(name: str, value: Any) -> Any:
-    """The value, or REDACTED if its name is secret-like; mappings are redacted field by field."""
-    if SECRET_KEY.search(name):
+    """The value, or REDACTED if its name or shape is secret-like; containers are redacted item by item."""
+    if SECRET_KEY.search(name) or (isinstance(value, str) and SECRET_VALUE.match(value.strip())):
         return REDACTED
     if isinstance(value, Mapping):
         return {str(k): _redacted(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted("", item) for item in value]
     return value
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from services.executor.execution import backoff_delay, final_limit, success_resp
 from services.executor.ledger import CallLedger, ClaimOutcome
 from services.executor.settlement import MAX_TOKENS_META, settle_call
 from shared.budget_client import BudgetClient
-from shared.codec import pack
+from shared.codec import dump_model_json, pack
 from shared.config import PoolConfig
 from shared.contracts import Attempt, CallStatus, DeadLetter, EventKind, ToolCallResponse, WorkItem
 from shared.errors import (
@@ -254,6 +255,7 @@ class CallRunner:
                 _event_kind(status, answer), **event_fields(work), status=status,
                 reason=response.error.data.reason if response.error else None,
                 duration_ms=round(seconds * 1000, 3), detail={"latency_ms": now_ms() - work.accepted_at_ms},
+                **result_digest(response),
             ),
         )
         await msg.ack()
@@ -341,6 +343,12 @@ def _event_kind(status: CallStatus, answer: Answer) -> EventKind:
     if status in (CallStatus.OK, CallStatus.TOOL_ERROR):
         return EventKind.CALL_COMPLETED
     return EventKind.CALL_REJECTED if isinstance(answer, CircuitOpen) else EventKind.CALL_FAILED
+
+
+def result_digest(response: ToolCallResponse) -> dict[str, int | str]:
+    """What the audit log keeps of a result: its size and SHA-256, never its content."""
+    payload = dump_model_json(response)
+    return {"result_bytes": len(payload), "result_sha256": hashlib.sha256(payload).hexdigest()}
 
 
 def event_fields(work: WorkItem) -> dict[str, str]:

@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 from prometheus_client import Counter, Histogram
 
+from services.router.auditing import argument_fields
 from services.router.budgeting import reserve_budget
 from services.router.decision import Decision, RoutingTable
 from shared.budget_client import BudgetClient
@@ -129,7 +130,7 @@ class RouterService:
             decision = self._decide(msg, call_id)
             await self._reserve_budget(decision)
             if decision.work is not None:
-                await self._dispatch(decision.work)
+                await self._dispatch(decision.work, decision)
             else:
                 await self._refuse(decision)
             await msg.ack()
@@ -151,8 +152,8 @@ class RouterService:
             return
         await reserve_budget(self._budget, self._table.config, decision)
 
-    async def _dispatch(self, work: WorkItem) -> None:
-        assert self._nc is not None and self._outcomes is not None
+    async def _dispatch(self, work: WorkItem, decision: Decision) -> None:
+        assert self._nc is not None and self._outcomes is not None and self._table is not None
         headers = {
             Header.MSG_ID: work.call_id,  # a redelivered call is deduplicated by WORK
             Header.CALL_ID: work.call_id,
@@ -160,16 +161,17 @@ class RouterService:
             **trace_headers(),
         }
         await self._nc.jetstream().publish(self._subjects.work(work.pool, work.priority), pack(work), headers=headers)
-        await self._outcomes.emit(
-            EventKind.CALL_ACCEPTED, EventKind.CALL_DISPATCHED,
-            call_id=work.call_id, principal=work.principal, tool=work.public_tool, pool=work.pool,
-            detail={"priority": work.priority, "hold_micros": work.budget.hold_micros if work.budget else None},
+        call = {"call_id": work.call_id, "principal": work.principal, "tool": work.public_tool, "pool": work.pool}
+        await asyncio.gather(
+            self._outcomes.emit(EventKind.CALL_ACCEPTED, **call, **argument_fields(decision, self._table.config.audit)),
+            self._outcomes.emit(EventKind.CALL_DISPATCHED, **call, detail={
+                "priority": work.priority, "hold_micros": work.budget.hold_micros if work.budget else None}),
         )
         ROUTED.labels("dispatched", "").inc()
         log.info("call.dispatched", tool=work.public_tool, pool=work.pool, priority=work.priority)
 
     async def _refuse(self, decision: Decision) -> None:
-        assert self._outcomes is not None and decision.refusal is not None
+        assert self._outcomes is not None and decision.refusal is not None and self._table is not None
         refusal = decision.refusal
         status = CallStatus.TIMEOUT if isinstance(refusal, DeadlineExceeded) else CallStatus.REJECTED
         response = error_response(decision.request_id, decision.call_id, refusal)
@@ -177,7 +179,7 @@ class RouterService:
         await self._outcomes.emit(
             EventKind.CALL_REJECTED,
             call_id=decision.call_id, principal=decision.principal, tool=decision.tool,
-            status=status, reason=refusal.reason.value,
+            status=status, reason=refusal.reason.value, **argument_fields(decision, self._table.config.audit),
         )
         ROUTED.labels("rejected", refusal.reason.value).inc()
         log.info("call.rejected", reason=refusal.reason.value, message=refusal.message, tool=decision.tool)

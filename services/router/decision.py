@@ -43,6 +43,7 @@ class Decision:
     refusal: ToolbusError | None = None
     scopes: list[str] = field(default_factory=list)  # the principal's budget scopes, widest first
     economy: ToolSpec | None = None  # a cheaper tool the accountant may pick instead
+    arguments: dict[str, Any] | None = None  # as the producer sent them, once the body parsed
 
 
 @dataclass
@@ -91,6 +92,7 @@ class RoutingTable:
     def _route(self, decision: Decision, headers: Mapping[str, str], body: bytes) -> None:
         request = parse_body(body, self.config.limits)
         decision.request_id, decision.tool = request.id, request.params.name
+        decision.arguments = request.params.arguments
         ingress = parse_headers(headers, decision.call_id)
         principal = authenticate(ingress.authorization, self._principals)
         decision.principal = principal.name
