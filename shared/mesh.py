@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import socket
 import sys
@@ -19,10 +20,12 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
+from shared.audit.notes import SigningKey
 from shared.bus import connect, provision_streams
-from shared.config import Config
-from shared.contracts import RuntimeInfo, ScaleReply, ScaleRequest, ServiceEndpoint
+from shared.config import Config, config_to_json
+from shared.contracts import EventKind, RuntimeInfo, ScaleReply, ScaleRequest, ServiceEndpoint
 from shared.embedded import NatsServer, NatsServerSettings, RedisServer, RedisServerSettings
+from shared.outcomes import Outcomes
 from shared.registry import Registry
 from shared.subjects import Subjects
 
@@ -40,7 +43,10 @@ async def bootstrap(nats_url: str, config: Config) -> None:
         js = nc.jetstream()
         await provision_streams(js, Subjects(config.prefix), replicas=config.nats.replicas)
         registry = await Registry.open(js, create=True, replicas=config.nats.replicas)
-        await registry.put_config(config)
+        revision = await registry.put_config(config)
+        digest = hashlib.sha256(config_to_json(config)).hexdigest()
+        await Outcomes(nc, js, Subjects(config.prefix), "config").emit(
+            EventKind.CONFIG_RELOADED, detail={"revision": revision, "sha256": digest})
     finally:
         await nc.close()
 
@@ -73,10 +79,37 @@ class ServiceProcess:
                 "--instance", self.name, "--http-port", str(self.http_port), *self.extra_args]
 
 
-def service_plan(config: Config) -> list[ServiceProcess]:
-    """The processes a config asks for: the accountant (when accounting is on), one router, and
-    each pool's workers."""
-    plan = [ServiceProcess("budget", "services.budget")] if config.accounting.enabled else []
+def audit_key_path(config: Config, data_dir: Path) -> Path:
+    """The log signing key: `audit.signing_key`, else `<data-dir>/audit/log.key`."""
+    return Path(config.audit.signing_key) if config.audit.signing_key else data_dir / "audit" / "log.key"
+
+
+def ensure_audit_key(config: Config, data_dir: Path) -> Path:
+    """The log key file, made (with its `.vkey` verifier next to it) when the default one is missing."""
+    path = audit_key_path(config, data_dir)
+    if not path.exists() and not config.audit.signing_key:
+        write_key_pair(SigningKey.generate(f"toolbus-{config.audit.log_id}"), path)
+        log.warning("audit.key_generated", path=str(path), hint="back it up; verifiers need its .vkey")
+    return path
+
+
+def write_key_pair(key: SigningKey, path: Path) -> None:
+    """Write a signing key (owner-only) and its verifier key (`<path>` with suffix `.vkey`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(f"{key}\n")
+    path.with_suffix(".vkey").write_text(f"{key.verifier}\n")
+
+
+def service_plan(config: Config, data_dir: Path = Path(".toolbus")) -> list[ServiceProcess]:
+    """The processes a config asks for: the audit writers and the accountant (when on), one router,
+    and each pool's workers."""
+    plan = [ServiceProcess(f"audit-{i}", "services.audit", [
+        "--signing-key", str(audit_key_path(config, data_dir)), "--key-dir", str(data_dir / "audit" / "writers")])
+        for i in range(1, config.audit.writers + 1)] if config.audit.enabled else []
+    if config.accounting.enabled:
+        plan.append(ServiceProcess("budget", "services.budget"))
     plan.append(ServiceProcess("router", "services.router"))
     served = {server.pool for server in config.servers.values()}
     for pool, pool_config in sorted(config.pools.items()):
@@ -96,7 +129,7 @@ class Mesh:
         self.redis: RedisServer | None = None
         self.nats_url = config.nats.url or os.environ.get("TOOLBUS_NATS_URL") or ""
         self.redis_url = config.redis.url or os.environ.get("TOOLBUS_REDIS_URL") or ""
-        self.services = service_plan(config)
+        self.services = service_plan(config, data_dir)
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
         self._changed = asyncio.Event()
@@ -111,6 +144,8 @@ class Mesh:
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self._start_servers)
         await bootstrap(self.nats_url, self.config)
+        if self.config.audit.enabled:
+            ensure_audit_key(self.config, self.data_dir)
         for service in self.services:
             await self._spawn(service)
         await asyncio.gather(*(self._wait_ready(s) for s in self.services))

@@ -18,6 +18,7 @@ from typing import TypeVar
 import nats
 import yaml
 
+from services.audit.app import AuditService, AuditSettings
 from services.budget.app import BudgetService, BudgetSettings
 from services.executor.app import ExecutorService, ExecutorSettings
 from services.router.app import RouterService, RouterSettings
@@ -29,16 +30,21 @@ T = TypeVar("T")
 
 
 class InProcessMesh:
-    """Budget accountant + router + one executor per served pool, as asyncio tasks of the test's
-    event loop (the accountant only when the config has accounting on)."""
+    """Budget accountant + router + one executor per served pool (+ the audit writer when given a
+    log key), as asyncio tasks of the test's event loop (the accountant only when the config has
+    accounting on)."""
 
-    def __init__(self, nats_url: str, config: Config, redis_url: str, workers: int = 1) -> None:
+    def __init__(self, nats_url: str, config: Config, redis_url: str, workers: int = 1,
+                 audit_key: Path | None = None) -> None:
         self.nats_url = nats_url
         self.redis_url = redis_url
         self.config = config
         self.budget = BudgetService(BudgetSettings(nats_url, config.prefix, "budget-test", redis_url)) \
             if config.accounting.enabled else None
         self.router = RouterService(RouterSettings(nats_url, config.prefix, instance="router-test"))
+        # The audit writer only when a test hands it a log key: most tests have no use for it.
+        self.audit = AuditService(AuditSettings(nats_url, audit_key, config.prefix, "audit-test")) \
+            if audit_key is not None else None
         pools = sorted({server.pool for server in config.servers.values()})
         self.executors = [
             ExecutorService(ExecutorSettings(nats_url, pool, config.prefix, f"executor-{pool}-{n}", redis_url))
@@ -47,6 +53,8 @@ class InProcessMesh:
 
     async def __aenter__(self) -> InProcessMesh:
         await bootstrap(self.nats_url, self.config)
+        if self.audit is not None:
+            await self.audit.start()
         if self.budget is not None:
             await self.budget.start()
         await asyncio.gather(*(executor.start() for executor in self.executors))
@@ -58,6 +66,8 @@ class InProcessMesh:
         await asyncio.gather(*(executor.stop() for executor in self.executors))
         if self.budget is not None:
             await self.budget.stop()
+        if self.audit is not None:
+            await self.audit.stop()
 
 
 async def work_settled(nats_url: str, pool: str = "default") -> bool:
