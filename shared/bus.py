@@ -38,6 +38,7 @@ log = structlog.get_logger(__name__)
 HOUR = 3600.0
 DAY = 24 * HOUR
 DEDUPE_WINDOW_S = 120.0
+AUDIT_DEDUPE_WINDOW_S = 600.0
 JS_API = "$JS.API"
 
 
@@ -86,7 +87,10 @@ def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
         ),
         make(Stream.EVENTS, max_age=7 * DAY),
         make(Stream.DLQ, max_age=30 * DAY),
-        make(Stream.AUDIT, deny_delete=True, deny_purge=True, discard=DiscardPolicy.NEW),
+        # A redelivered event must find its first record's Nats-Msg-Id still remembered, even
+        # behind a backlog: the window is longer than the writers' AckWait by a wide margin.
+        make(Stream.AUDIT, deny_delete=True, deny_purge=True, discard=DiscardPolicy.NEW,
+             duplicate_window=AUDIT_DEDUPE_WINDOW_S),
         make(Stream.AUDIT_CP, deny_delete=True, deny_purge=True, discard=DiscardPolicy.NEW),
     ]
 

@@ -2,9 +2,9 @@
 
 Every append carries `Nats-Expected-Last-Subject-Sequence` (the stream sequence of this chain's
 head) and a `Nats-Msg-Id` naming the source event. So:
-- a second writer on the same chain, or a stale one, is refused by the stream: this writer then
-  reloads the head and continues only if the head is its own record; otherwise it moves to a
-  fresh chain (it never appends after a record it did not sign);
+- a second writer on the same chain, or a stale one, is refused by the stream: the refused
+  writer moves to a fresh chain (it never appends after a record it did not write); at start a
+  writer resumes its chain only if the newest record is signed with its own key;
 - the same event appended by two writers (a redelivery after one died) is stored once: the
   stream answers the second with `duplicate`, and that writer's chain does not advance.
 """
@@ -106,11 +106,13 @@ class ChainWriter:
             try:
                 return await self._append_locked(event, msg_id, src_seq)
             except ChainTakenError:
-                await self._start_locked()  # a fresh chain, so the event is still recorded once
+                # Another process writes here, even if with our key (a twin started with the same key
+                # directory): resuming would make the two take turns forever, so move to a fresh chain.
+                await self._start_locked(resume=False)
                 return await self._append_locked(event, msg_id, src_seq)
 
-    async def _start_locked(self) -> None:
-        self._head = await self._own_head() or await self._fresh_chain()
+    async def _start_locked(self, *, resume: bool = True) -> None:
+        self._head = (await self._own_head() if resume else None) or await self._fresh_chain()
         key = str(self.identity.writer_key.verifier)
         cert = certify_writer(self.identity.log_key, self.identity.log_id, self.chain_id, key)
         event = AuditEvent(

@@ -6,6 +6,7 @@ An ordered consumer per read (ephemeral: nothing is left behind on the server).
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 from nats.js import JetStreamContext
@@ -47,7 +48,7 @@ async def read_all(js: JetStreamContext, stream: Stream, subject: str) -> list[S
 
 
 async def stream_policy(js: JetStreamContext, stream: Stream) -> StreamPolicy:
-    """What the verifier checks of one stream's config."""
+    """What the verifier checks of one stream's config, and the sequences the server says were deleted."""
     info = await js.stream_info(stream.value)
     config: StreamConfig = info.config
     unlimited = all(not value or value < 0 for value in (config.max_age, config.max_msgs, config.max_bytes,
@@ -56,7 +57,16 @@ async def stream_policy(js: JetStreamContext, stream: Stream) -> StreamPolicy:
         name=stream.value, deny_delete=bool(config.deny_delete), deny_purge=bool(config.deny_purge),
         allow_rollup=bool(config.allow_rollup_hdrs), file_storage=config.storage == StorageType.FILE,
         unlimited=unlimited, first_seq=info.state.first_seq if info.state.messages else 1,
+        deleted=tuple(await deleted_sequences(js, stream)) if info.state.num_deleted else (),
     )
+
+
+async def deleted_sequences(js: JetStreamContext, stream: Stream) -> list[int]:
+    """Sequences inside the stream that were deleted (nats-py's stream_info cannot ask for them)."""
+    # nats-py keeps its connection private and has no option for deleted_details: ask the JS API directly.
+    reply = await js._nc.request(f"$JS.API.STREAM.INFO.{stream.value}",
+                                 json.dumps({"deleted_details": True}).encode(), timeout=5)
+    return sorted(int(seq) for seq in json.loads(reply.data).get("state", {}).get("deleted") or [])
 
 
 def log_subject(subjects: Subjects, log_id: str) -> str:

@@ -16,7 +16,7 @@ from shared.audit.checkpoint import Checkpoint
 from shared.audit.merkle import EMPTY_ROOT
 from shared.audit.notes import NoteError, VerifierKey
 from shared.audit.replay import Check, Finding, LogReplay
-from shared.subjects import Subjects
+from shared.subjects import Stream, Subjects
 
 
 class CannotVerify(Exception):
@@ -43,6 +43,7 @@ class StreamPolicy:
     file_storage: bool
     unlimited: bool  # no max_age, max_msgs, max_bytes or per-subject limit
     first_seq: int = 1
+    deleted: tuple[int, ...] = ()  # sequences the server reports as deleted from inside the stream
 
     def problems(self) -> list[str]:
         wanted = {"deny_delete": self.deny_delete, "deny_purge": self.deny_purge, "no rollup": not self.allow_rollup,
@@ -139,6 +140,10 @@ def _stream_findings(streams: Iterable[StreamPolicy]) -> list[Finding]:
             findings.append(Finding(Check.STREAM_CONFIG, None, f"stream {stream.name} lacks: {', '.join(problems)}"))
         if stream.first_seq > 1:
             findings.append(Finding(Check.STREAM_GAP, 1, f"stream {stream.name} starts at seq {stream.first_seq}"))
+        if stream.deleted:
+            seq = stream.deleted[0] if stream.name == Stream.AUDIT.value else None
+            findings.append(Finding(Check.STREAM_GAP, seq, f"stream {stream.name}: {len(stream.deleted)} message(s) "
+                                    f"deleted, first at seq {stream.deleted[0]}"))
     return findings
 
 
@@ -192,12 +197,7 @@ class _Passes:
 def _replay_records(records: Iterable[StoredMessage], options: VerifyOptions, replay: LogReplay,
                     passes: _Passes, report: Report) -> None:
     log_prefix = options.subjects.audit(options.log_id, "")
-    expected_seq = 1
     for msg in records:
-        if msg.seq != expected_seq:
-            report.findings.append(Finding(Check.STREAM_GAP, expected_seq,
-                                           f"stream seqs {expected_seq}..{msg.seq - 1} are missing"))
-        expected_seq = msg.seq + 1
         if not msg.subject.startswith(log_prefix):
             continue  # another log sharing the stream
         replay.absorb(msg.seq, msg.subject, msg.data)
