@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ SECRETS = {"password": f"pw-{uuid.uuid4().hex}", "api_key": f"key-{uuid.uuid4().
 class AuditedMesh:
     """The running mesh, its log key, and what it logged."""
 
-    def __init__(self, mesh: InProcessMesh, key: SigningKey, logs: list[dict[str, Any]]) -> None:
+    def __init__(self, mesh: InProcessMesh, key: SigningKey, logs: list[MutableMapping[str, Any]]) -> None:
         self.mesh, self.key, self.logs = mesh, key, logs
 
 
