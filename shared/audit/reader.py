@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
@@ -72,3 +73,21 @@ async def deleted_sequences(js: JetStreamContext, stream: Stream) -> list[int]:
 def log_subject(subjects: Subjects, log_id: str) -> str:
     """Every chain of one log."""
     return subjects.audit(log_id, "*")
+
+
+@dataclass(frozen=True)
+class LogSnapshot:
+    """Everything `verify_log` reads: the AUDIT messages, one log's checkpoints, both streams' policies."""
+
+    records: list[StoredMessage]
+    checkpoints: list[StoredMessage]
+    policies: list[StreamPolicy]
+
+
+async def read_log(js: JetStreamContext, subjects: Subjects, log_id: str) -> LogSnapshot:
+    """Read one log for verification: every AUDIT message (so other logs' messages are seen, and
+    skipped), the log's checkpoints, and the policies of AUDIT and AUDIT_CP."""
+    records = await read_all(js, Stream.AUDIT, f"{subjects.prefix}.audit.>")
+    checkpoints = await read_all(js, Stream.AUDIT_CP, subjects.audit_checkpoint(log_id))
+    policies = [await stream_policy(js, Stream.AUDIT), await stream_policy(js, Stream.AUDIT_CP)]
+    return LogSnapshot(records, checkpoints, policies)

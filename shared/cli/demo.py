@@ -23,19 +23,25 @@ from typing import Annotated, Any
 
 import nats
 import typer
+from nats.aio.client import Client as NatsClient
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from shared.audit.notes import SigningKey, VerifierKey
+from shared.audit.reader import read_log
+from shared.audit.verifier import Report, VerifyOptions, verify_log
 from shared.budget_client import BudgetClient
 from shared.client import ToolbusClient
 from shared.config import Config, hash_api_key, parse_config
 from shared.contracts import StatusRequest
-from shared.mesh import Mesh
-from shared.subjects import Subjects
+from shared.mesh import Mesh, audit_key_path
+from shared.outcomes import now_ms
+from shared.subjects import Stream, Subjects
 
 DEMO_KEY = "demo-key-not-a-secret"
 INTERN_KEY = "demo-intern-key-not-a-secret"  # a principal with a $0.003 budget, to show refusals
+AUDIT_WAIT_S = 60.0  # the audit writer records and checkpoints every event of the demo well within this
 INTERN_CALLS = 5  # at $0.001 each against $0.003: three run, two are refused with -32010
 console = Console()
 
@@ -61,17 +67,19 @@ def demo(
     concurrency: Annotated[int, typer.Option(help="Calls in flight at once.")] = 8,
 ) -> None:
     """Start a real mesh, run a mixed batch of real calls, print a summary, stop (exit 0 if all as expected)."""
-    outcomes = asyncio.run(run_demo(rounds, concurrency))
+    outcomes, audit_ok = asyncio.run(run_demo(rounds, concurrency))
     console.print(summary_table(outcomes))
     wrong = [o for o in outcomes if o.status != o.call.expect]
     for outcome in wrong:
         console.print(f"[red]{outcome.call.tool}: expected {outcome.call.expect}, got {outcome.status}[/red]")
-    console.print(f"[green]demo ok: {len(outcomes)} calls, every one ended as expected[/green]" if not wrong
-                  else f"[red]demo failed: {len(wrong)} calls ended unexpectedly[/red]")
-    raise typer.Exit(1 if wrong else 0)
+    if not audit_ok:
+        console.print("[red]demo failed: the audit log did not verify[/red]")
+    console.print(f"[green]demo ok: {len(outcomes)} calls, every one ended as expected, audit log verified[/green]"
+                  if not wrong and audit_ok else f"[red]demo failed: {len(wrong)} calls ended unexpectedly[/red]")
+    raise typer.Exit(1 if wrong or not audit_ok else 0)
 
 
-async def run_demo(rounds: int, concurrency: int) -> list[Outcome]:
+async def run_demo(rounds: int, concurrency: int) -> tuple[list[Outcome], bool]:
     with tempfile.TemporaryDirectory(prefix="toolbus-demo-") as tmp:
         repo = make_repository(Path(tmp) / "repo")
         mesh = Mesh(demo_config(repo), Path(tmp) / "data")
@@ -80,10 +88,46 @@ async def run_demo(rounds: int, concurrency: int) -> list[Outcome]:
                 info = await mesh.start()
             console.print(f"mesh up: NATS {info.nats_url} · {len(info.services)} service processes")
             outcomes = await run_batch(info.nats_url, plan(repo, rounds), concurrency)
-            return outcomes + await run_budgeted(info.nats_url)
+            outcomes += await run_budgeted(info.nats_url)
+            log_key = SigningKey.parse(audit_key_path(mesh.config, mesh.data_dir).read_text()).verifier
+            return outcomes, await verify_audit(info.nats_url, log_key)
         finally:
             with console.status("stopping the mesh…"):
                 await mesh.stop()
+
+
+async def verify_audit(nats_url: str, log_key: VerifierKey) -> bool:
+    """Wait until every event is recorded and checkpointed, then verify the whole audit log."""
+    nc = await nats.connect(nats_url)
+    try:
+        with console.status("waiting for the audit log to record and checkpoint every event…"):
+            report = await _checkpointed_report(nc, log_key)
+    finally:
+        await nc.close()
+    chains = ", ".join(f"{chain}: {count}" for chain, count in report.chains.items())
+    console.print(f"audit: {report.records} records ({chains}), {report.checkpoints} signed checkpoints, "
+                  f"verified {'ok' if report.ok else 'FAILED'} in {report.elapsed_s:.2f} s")
+    for finding in report.findings:
+        console.print(f"[red]audit {finding.check.value} at seq {finding.seq}: {finding.message}[/red]")
+    return report.ok
+
+
+async def _checkpointed_report(nc: NatsClient, log_key: VerifierKey) -> Report:
+    """The report once the audit consumer is drained and no record is after the newest checkpoint."""
+    subjects = Subjects()
+    async with asyncio.timeout(AUDIT_WAIT_S):
+        while True:
+            snapshot = await read_log(nc.jetstream(), subjects, "main")
+            report = verify_log(snapshot.records, snapshot.checkpoints, snapshot.policies,
+                                VerifyOptions(log_key, "main", subjects, now_ms=now_ms()))
+            if not report.ok or (report.records and not report.unsigned_count and await _recorded_all(nc)):
+                return report
+            await asyncio.sleep(0.2)
+
+
+async def _recorded_all(nc: NatsClient) -> bool:
+    info = await nc.jetstream().consumer_info(Stream.EVENTS.value, "audit-main")
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
 
 def plan(repo: Path, rounds: int) -> list[PlannedCall]:
@@ -198,6 +242,7 @@ def demo_config(repo: Path) -> Config:
         "tools": {"demo__echo": {"cost_usd": "0.001"},
                   "demo__summarize": {"cost_usd": "0.0005", "model": "demo-extractive-1", "max_tokens": 64}},
         "models": {"demo-extractive-1": {"input_usd_per_mtok": 1, "output_usd_per_mtok": 4}},
+        "audit": {"checkpoint_interval_s": 0.5},
         "budgets": [
             {"scope": "org:local", "limit_usd": 100, "window": "month", "alert_at": [0.8, 0.95]},
             {"scope": "user:demo", "limit_usd": 5, "window": "day"},
