@@ -19,6 +19,7 @@ import pytest_asyncio
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
+from shared.audit.checkpoint import Checkpoint
 from shared.audit.notes import SigningKey
 from shared.audit.reader import read_all, stream_policy
 from shared.audit.verifier import Report, StoredMessage, VerifyOptions, verify_log
@@ -43,6 +44,9 @@ class AuditedMesh:
 
     def __init__(self, mesh: InProcessMesh, key: SigningKey, logs: list[MutableMapping[str, Any]]) -> None:
         self.mesh, self.key, self.logs = mesh, key, logs
+        witness = mesh.config.audit.witness_file
+        assert witness is not None
+        self.witness = Path(witness)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -52,7 +56,8 @@ async def audited(git_repo: Path, nats_server: NatsServer, redis_server: RedisSe
     key = SigningKey.generate("toolbus-main")
     key_path = tmp_path_factory.mktemp("audit") / "log.key"
     write_key_pair(key, key_path)
-    config = make_config(git_repo, prefix=PREFIX, audit={"checkpoint_every": 500, "checkpoint_interval_s": 0.3})
+    config = make_config(git_repo, prefix=PREFIX, audit={"checkpoint_every": 500, "checkpoint_interval_s": 0.3,
+                                                         "witness_file": str(key_path.with_name("witness.jsonl"))})
     # Context variables merged (call_id, trace_id), the redaction processor NOT applied: a secret that
     # reached any log call at all would show here.
     with capture_logs(processors=[merge_contextvars]) as logs:
@@ -155,3 +160,12 @@ async def test_the_log_key_certifies_every_chain_and_signs_every_checkpoint(audi
     assert {"checkpoint_signature", "certificate"} <= kinds and report.checkpoints == 0
     assert report.first_bad_seq == records[0].seq
     assert AuditEnvelope.model_validate_json(records[0].data).body.event.kind == "audit.writer_started"
+
+
+async def test_every_checkpoint_is_also_written_to_the_witness_file(audited: AuditedMesh) -> None:
+    """The witness file holds each published checkpoint, the last one equal to AUDIT_CP's newest and signed."""
+    report = await eventually(lambda: fully_checkpointed(audited), timeout=30)
+    lines = [json.loads(line) for line in audited.witness.read_text().splitlines()]
+    assert len(lines) == report.checkpoints and {line["log_id"] for line in lines} == {"main"}
+    assert lines[-1]["note"] == report.newest_note
+    assert Checkpoint.open(lines[-1]["note"], audited.key.verifier).size == report.records
