@@ -127,7 +127,8 @@ class AuditService:
         durable = durable_name(log_id)
         await ensure_consumer(js, Stream.EVENTS, ConsumerConfig(
             durable_name=durable, filter_subject=self._subjects.stream_subjects(Stream.EVENTS)[0],
-            deliver_policy=DeliverPolicy.ALL, ack_wait=self._settings.ack_wait_s, max_ack_pending=4 * self._settings.max_in_flight))
+            deliver_policy=DeliverPolicy.ALL, ack_wait=self._settings.ack_wait_s,
+            max_ack_pending=4 * self._settings.max_in_flight))
         settings = PullSettings(Stream.EVENTS, durable, max_in_flight=self._settings.max_in_flight)
         self._consumer = PullConsumer(self._nc, settings, self.record_event)
         await self._consumer.start()

@@ -1,7 +1,8 @@
 """How injection-like are a call's arguments? A 0..100 heuristic risk score and the patterns behind it.
 
 The router scores every call's arguments and puts the score into the call's event, so the audit
-log can record `risk` and `toolbus audit report` can list the high-risk calls (score >= `HIGH_RISK`).
+log can record `risk` and `toolbus audit report` can list the high-risk calls
+(score >= `shared.contracts.audit.HIGH_RISK`).
 
 What it is: a cheap, bounded pattern scan over the text inside the arguments (string values and
 dict keys, recursively through lists and dicts) for prompt-injection phrases, shell and SQL
@@ -29,7 +30,6 @@ from typing import Any
 MAX_TEXT_CHARS = 64 * 1024  # characters of text inspected per call, over all strings
 MAX_DEPTH = 32  # nesting levels descended into; deeper containers are skipped
 MAX_VALUES = 10_000  # values (containers, keys and scalars) visited per call
-HIGH_RISK = 50  # scores at or above this are "high risk" in `toolbus audit report`
 
 
 class RiskFlag(StrEnum):

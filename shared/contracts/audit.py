@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 RECORD_VERSION = 1
 OCSF_API_ACTIVITY = 6003  # OCSF class "API Activity" (category 6, Application Activity)
 WRITER_STARTED = "audit.writer_started"  # the record kind that certifies a chain's writer key
+HIGH_RISK = 50  # a call whose `risk` is at least this is listed by `toolbus audit report`
 
 
 class Activity(IntEnum):

@@ -62,7 +62,7 @@ async def drained(url: str, prefix: str) -> bool:
         info = await nc.jetstream().consumer_info(Stream.EVENTS.value, durable_name("main"))
     finally:
         await nc.close()
-    return info.num_pending == 0 and info.num_ack_pending == 0
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
 
 async def read_log(url: str, prefix: str, key: SigningKey) -> tuple[list[StoredMessage], Report]:

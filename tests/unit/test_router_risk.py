@@ -11,7 +11,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.router.risk import (
-    HIGH_RISK,
     MAX_DEPTH,
     MAX_TEXT_CHARS,
     MAX_VALUES,
@@ -20,6 +19,7 @@ from services.router.risk import (
     RiskFlag,
     risk_score,
 )
+from shared.contracts.audit import HIGH_RISK
 
 pytestmark = [pytest.mark.unit]
 
