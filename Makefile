@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.whole_path
 	$(BIN)/python -m bench.pools
 	$(BIN)/python -m bench.budget
+	$(BIN)/python -m bench.audit
 
 clean:
 	rm -rf $(VENV) .toolbus .mypy_cache .ruff_cache

@@ -22,9 +22,13 @@ from services.audit.app import AuditService, AuditSettings
 from services.budget.app import BudgetService, BudgetSettings
 from services.executor.app import ExecutorService, ExecutorSettings
 from services.router.app import RouterService, RouterSettings
+from shared.audit.notes import VerifierKey
+from shared.audit.reader import read_log
+from shared.audit.verifier import Report, StoredMessage, VerifyOptions, verify_log
 from shared.config import Config
 from shared.mesh import bootstrap, free_port, http_ok
-from shared.subjects import work_durable
+from shared.outcomes import now_ms
+from shared.subjects import Subjects, work_durable
 
 T = TypeVar("T")
 
@@ -168,3 +172,14 @@ def toolbus_up(root: Path, config: Mapping[str, object]) -> Iterator[tuple[Path,
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=90) == 0, output.read_text()[-3000:]
     assert not runtime.exists(), "runtime.json must be removed on exit"
+
+
+async def verify_audit_log(url: str, prefix: str, log_key: VerifierKey) -> tuple[list[StoredMessage], Report]:
+    """Read log `main` of a mesh back from NATS and verify it as `toolbus audit verify` would."""
+    nc = await nats.connect(url)
+    try:
+        snapshot = await read_log(nc.jetstream(), Subjects(prefix), "main")
+    finally:
+        await nc.close()
+    options = VerifyOptions(log_key, "main", Subjects(prefix), now_ms=now_ms())
+    return snapshot.records, verify_log(snapshot.records, snapshot.checkpoints, snapshot.policies, options)

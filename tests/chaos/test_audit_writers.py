@@ -20,16 +20,15 @@ import pytest
 
 from services.audit.app import AuditService, AuditSettings, durable_name
 from shared.audit.notes import SigningKey
-from shared.audit.reader import read_all, stream_policy
-from shared.audit.verifier import Report, StoredMessage, VerifyOptions, verify_log
+from shared.audit.verifier import Report, StoredMessage
 from shared.config import Config, parse_config
 from shared.contracts import EventKind
 from shared.contracts.audit import AuditEnvelope
 from shared.embedded import NatsServer
 from shared.mesh import bootstrap, write_key_pair
-from shared.outcomes import Outcomes, now_ms
+from shared.outcomes import Outcomes
 from shared.subjects import Stream, Subjects
-from tests.helpers import ServiceProcessHandle, eventually
+from tests.helpers import ServiceProcessHandle, eventually, verify_audit_log
 
 pytestmark = [pytest.mark.chaos, pytest.mark.asyncio(loop_scope="module")]
 
@@ -66,16 +65,7 @@ async def drained(url: str, prefix: str) -> bool:
 
 
 async def read_log(url: str, prefix: str, key: SigningKey) -> tuple[list[StoredMessage], Report]:
-    nc = await nats.connect(url)
-    try:
-        js, subjects = nc.jetstream(), Subjects(prefix)
-        records = await read_all(js, Stream.AUDIT, f"{prefix}.audit.>")
-        checkpoints = await read_all(js, Stream.AUDIT_CP, subjects.audit_checkpoint("main"))
-        policies = [await stream_policy(js, Stream.AUDIT), await stream_policy(js, Stream.AUDIT_CP)]
-    finally:
-        await nc.close()
-    return records, verify_log(records, checkpoints, policies, VerifyOptions(key.verifier, "main", subjects,
-                                                                              now_ms=now_ms()))
+    return await verify_audit_log(url, prefix, key.verifier)
 
 
 def recorded_sources(records: list[StoredMessage]) -> Counter[int]:

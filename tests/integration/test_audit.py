@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from shared.audit.checkpoint import Checkpoint
 from shared.audit.notes import SigningKey
-from shared.audit.reader import read_all, stream_policy
+from shared.audit.reader import read_all
 from shared.audit.verifier import Report, StoredMessage, VerifyOptions, verify_log
 from shared.client import ToolbusClient
 from shared.contracts.audit import AuditEnvelope
@@ -30,7 +30,7 @@ from shared.mesh import write_key_pair
 from shared.outcomes import now_ms
 from shared.subjects import Stream, Subjects
 from tests.conftest import ALICE_KEY, make_config
-from tests.helpers import InProcessMesh, eventually
+from tests.helpers import InProcessMesh, eventually, verify_audit_log
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -66,16 +66,7 @@ async def audited(git_repo: Path, nats_server: NatsServer, redis_server: RedisSe
 
 
 async def read_log(url: str, key: SigningKey) -> tuple[list[StoredMessage], Report]:
-    nc = await nats.connect(url)
-    try:
-        js, subjects = nc.jetstream(), Subjects(PREFIX)
-        records = await read_all(js, Stream.AUDIT, f"{PREFIX}.audit.>")
-        checkpoints = await read_all(js, Stream.AUDIT_CP, subjects.audit_checkpoint("main"))
-        policies = [await stream_policy(js, Stream.AUDIT), await stream_policy(js, Stream.AUDIT_CP)]
-    finally:
-        await nc.close()
-    options = VerifyOptions(key.verifier, "main", subjects, now_ms=now_ms())
-    return records, verify_log(records, checkpoints, policies, options)
+    return await verify_audit_log(url, PREFIX, key.verifier)
 
 
 async def fully_checkpointed(audited: AuditedMesh) -> Report | None:
