@@ -210,7 +210,7 @@ def _replay_records(records: Iterable[StoredMessage], options: VerifyOptions, re
 
 def _check_checkpoints(signed: list[_Signed], passes: _Passes, replay: LogReplay, report: Report) -> None:
     """Each signed checkpoint against the log, and against the checkpoints before it."""
-    good_size, by_size = 0, dict[int, Checkpoint]()
+    good_sizes, by_size = [0], dict[int, Checkpoint]()
     for s in signed:
         cp = s.checkpoint
         earlier = by_size.setdefault(cp.size, cp)
@@ -225,13 +225,13 @@ def _check_checkpoints(signed: list[_Signed], passes: _Passes, replay: LogReplay
             continue
         root, last_seq = passes.roots[cp.size]
         if root != cp.root or last_seq != cp.last_seq:
-            first = passes.roots[good_size][1] + 1
+            first = passes.roots[max(g for g in good_sizes if g < cp.size)][1] + 1
             report.findings.append(Finding(Check.CHECKPOINT_ROOT, first, f"the log's first {cp.size} records "
                                            f"do not match the signed root; changed at or after seq {first}",
                                            checkpoint_seq=s.cp_seq))
             continue
         _check_heads(s, passes, report)
-        good_size = max(good_size, cp.size)
+        good_sizes.append(cp.size)
 
 
 def _check_heads(s: _Signed, passes: _Passes, report: Report) -> None:
