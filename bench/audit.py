@@ -28,9 +28,8 @@ import nats
 from nats.js.errors import NotFoundError
 
 from bench.whole_path import REPEATS, median_phase, run_phase
-from services.audit.app import durable_name
 from shared.audit.notes import SigningKey
-from shared.audit.reader import read_all, stream_policy
+from shared.audit.reader import read_all, stream_policy, unrecorded_events
 from shared.audit.verifier import VerifyOptions, verify_log
 from shared.client import ToolbusClient
 from shared.config import Config, hash_api_key, parse_config
@@ -71,12 +70,11 @@ async def audit_pending(url: str) -> int:
     """Events the audit writers have not recorded yet (all of them while no writer has started)."""
     nc = await nats.connect(url)
     try:
-        info = await nc.jetstream().consumer_info(Stream.EVENTS.value, durable_name("main"))
+        return await unrecorded_events(nc.jetstream(), "main")
     except NotFoundError:
         return sys.maxsize
     finally:
         await nc.close()
-    return int(info.num_pending + info.num_ack_pending)
 
 
 async def wait_recorded(url: str, poll_s: float = 0.02, limit_s: float = 600) -> None:

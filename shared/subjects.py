@@ -50,6 +50,11 @@ CONTENT_JSON = "application/json"
 CONTENT_MSGPACK = "application/msgpack"
 
 
+def audit_durable(log_id: str) -> str:
+    """The EVENTS consumer every audit writer of one log shares."""
+    return f"audit-{log_id}"
+
+
 def work_durable(pool: str, priority: int) -> str:
     """The durable WORK consumer one priority level of a pool uses, shared by all its workers."""
     return f"pool-{pool}-p{priority}"

@@ -38,7 +38,7 @@ from shared.contracts import Event
 from shared.contracts.audit import Activity, AuditActor, AuditEvent, AuditResource, Outcome
 from shared.outcomes import now_ms
 from shared.registry import Registry
-from shared.subjects import DEFAULT_PREFIX, Stream, Subjects
+from shared.subjects import DEFAULT_PREFIX, Stream, Subjects, audit_durable
 
 log = structlog.get_logger(__name__)
 
@@ -59,11 +59,6 @@ class AuditSettings:
     max_in_flight: int = 512
     ack_wait_s: float = 30.0  # an event a dead writer held is redelivered to another after this
     clock: Callable[[], int] = field(default=now_ms)
-
-
-def durable_name(log_id: str) -> str:
-    """The EVENTS consumer every writer of one log shares."""
-    return f"audit-{log_id}"
 
 
 def load_writer_key(settings: AuditSettings) -> tuple[SigningKey, str]:
@@ -124,7 +119,7 @@ class AuditService:
     async def _consume(self, log_id: str) -> None:
         assert self._nc is not None
         js = self._nc.jetstream()
-        durable = durable_name(log_id)
+        durable = audit_durable(log_id)
         await ensure_consumer(js, Stream.EVENTS, ConsumerConfig(
             durable_name=durable, filter_subject=self._subjects.stream_subjects(Stream.EVENTS)[0],
             deliver_policy=DeliverPolicy.ALL, ack_wait=self._settings.ack_wait_s,

@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from shared.audit.verifier import StoredMessage, StreamPolicy
-from shared.subjects import Stream, Subjects
+from shared.subjects import Stream, Subjects, audit_durable
 
 READ_TIMEOUT_S = 10.0  # between two messages of a log being read; a stall beyond it is an error
 
@@ -68,6 +68,12 @@ async def deleted_sequences(js: JetStreamContext, stream: Stream) -> list[int]:
     reply = await js._nc.request(f"$JS.API.STREAM.INFO.{stream.value}",
                                  json.dumps({"deleted_details": True}).encode(), timeout=5)
     return sorted(int(seq) for seq in json.loads(reply.data).get("state", {}).get("deleted") or [])
+
+
+async def unrecorded_events(js: JetStreamContext, log_id: str) -> int:
+    """Events the log's audit writers have not yet recorded (pending or unacked on their consumer)."""
+    info = await js.consumer_info(Stream.EVENTS.value, audit_durable(log_id))
+    return int(info.num_pending + info.num_ack_pending)
 
 
 def log_subject(subjects: Subjects, log_id: str) -> str:

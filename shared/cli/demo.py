@@ -29,7 +29,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from shared.audit.notes import SigningKey, VerifierKey
-from shared.audit.reader import read_log
+from shared.audit.reader import read_log, unrecorded_events
 from shared.audit.verifier import Report, VerifyOptions, verify_log
 from shared.budget_client import BudgetClient
 from shared.client import ToolbusClient
@@ -37,7 +37,7 @@ from shared.config import Config, hash_api_key, parse_config
 from shared.contracts import StatusRequest
 from shared.mesh import Mesh, audit_key_path
 from shared.outcomes import now_ms
-from shared.subjects import Stream, Subjects
+from shared.subjects import Subjects
 
 DEMO_KEY = "demo-key-not-a-secret"
 INTERN_KEY = "demo-intern-key-not-a-secret"  # a principal with a $0.003 budget, to show refusals
@@ -114,20 +114,16 @@ async def verify_audit(nats_url: str, log_key: VerifierKey) -> bool:
 
 async def _checkpointed_report(nc: NatsClient, log_key: VerifierKey) -> Report:
     """The report once the audit consumer is drained and no record is after the newest checkpoint."""
-    subjects = Subjects()
+    subjects, js = Subjects(), nc.jetstream()
     async with asyncio.timeout(AUDIT_WAIT_S):
         while True:
-            snapshot = await read_log(nc.jetstream(), subjects, "main")
+            snapshot = await read_log(js, subjects, "main")
             report = verify_log(snapshot.records, snapshot.checkpoints, snapshot.policies,
                                 VerifyOptions(log_key, "main", subjects, now_ms=now_ms()))
-            if not report.ok or (report.records and not report.unsigned_count and await _recorded_all(nc)):
+            settled = report.records and not report.unsigned_count and not await unrecorded_events(js, "main")
+            if not report.ok or settled:
                 return report
             await asyncio.sleep(0.2)
-
-
-async def _recorded_all(nc: NatsClient) -> bool:
-    info = await nc.jetstream().consumer_info(Stream.EVENTS.value, "audit-main")
-    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
 
 def plan(repo: Path, rounds: int) -> list[PlannedCall]:

@@ -18,8 +18,9 @@ from pathlib import Path
 import nats
 import pytest
 
-from services.audit.app import AuditService, AuditSettings, durable_name
+from services.audit.app import AuditService, AuditSettings
 from shared.audit.notes import SigningKey
+from shared.audit.reader import unrecorded_events
 from shared.audit.verifier import Report, StoredMessage
 from shared.config import Config, parse_config
 from shared.contracts import EventKind
@@ -58,10 +59,9 @@ async def drained(url: str, prefix: str) -> bool:
     """True when the audit consumer has nothing pending and nothing unacked."""
     nc = await nats.connect(url)
     try:
-        info = await nc.jetstream().consumer_info(Stream.EVENTS.value, durable_name("main"))
+        return not await unrecorded_events(nc.jetstream(), "main")
     finally:
         await nc.close()
-    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
 
 async def read_log(url: str, prefix: str, key: SigningKey) -> tuple[list[StoredMessage], Report]:

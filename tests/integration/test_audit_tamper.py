@@ -32,11 +32,11 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import APIError
 
-from services.audit.app import AuditService, AuditSettings, durable_name
+from services.audit.app import AuditService, AuditSettings
 from shared.audit.checkpoint import Checkpoint
 from shared.audit.entries import GENESIS_PREV, certify_writer
 from shared.audit.notes import SigningKey
-from shared.audit.reader import log_subject, read_all, stream_policy
+from shared.audit.reader import log_subject, read_all, read_log, stream_policy, unrecorded_events
 from shared.audit.replay import Check
 from shared.audit.verifier import Report, StoredMessage, StreamPolicy
 from shared.client import ToolbusClient
@@ -88,9 +88,8 @@ DAY_MS = 86_400_000
 async def snapshot(js: JetStreamContext, subjects: Subjects) -> tuple[list[StoredMessage], list[StoredMessage],
                                                                       list[StreamPolicy]]:
     """The log's records, checkpoints and stream policies, as `toolbus audit verify` reads them."""
-    records = await read_all(js, Stream.AUDIT, log_subject(subjects, LOG_ID))
-    checkpoints = await read_all(js, Stream.AUDIT_CP, subjects.audit_checkpoint(LOG_ID))
-    return records, checkpoints, [await stream_policy(js, Stream.AUDIT), await stream_policy(js, Stream.AUDIT_CP)]
+    log = await read_log(js, subjects, LOG_ID)
+    return log.records, log.checkpoints, log.policies
 
 
 async def settled_snapshot(js: JetStreamContext, key: SigningKey) -> tuple[list[StoredMessage],
@@ -99,8 +98,7 @@ async def settled_snapshot(js: JetStreamContext, key: SigningKey) -> tuple[list[
     subjects = Subjects(PREFIX)
 
     async def probe() -> tuple[list[StoredMessage], list[StoredMessage], list[StreamPolicy]] | None:
-        info = await js.consumer_info(Stream.EVENTS.value, durable_name(LOG_ID))
-        if info.num_pending or info.num_ack_pending:
+        if await unrecorded_events(js, LOG_ID):
             return None
         records, checkpoints, policies = await snapshot(js, subjects)
         newest = Checkpoint.open(checkpoints[-1].data.decode(), key.verifier) if checkpoints else None
