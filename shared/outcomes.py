@@ -10,6 +10,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavailableError
 
 from shared.codec import dump_model_json, pack
@@ -56,9 +57,8 @@ class Outcomes:
         payload = dump_model_json(response)
         headers = self._result_headers(call_id, status)
         try:
-            await self._publish(
-                self._subjects.result(call_id), payload, {**headers, EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}
-            )
+            await publish_retrying(self._js, self._subjects.result(call_id), payload,
+                                   {**headers, EXPECTED_LAST_SUBJECT_SEQUENCE: "0"})
         except BadRequestError as error:
             if error.err_code != WRONG_LAST_SEQUENCE:
                 raise
@@ -93,22 +93,22 @@ class Outcomes:
         if event.call_id:  # a publish retried after a lost PubAck is deduplicated by EVENTS
             msg_id = f"{event.kind.value}:{event.call_id}:{event.attempt or 0}:{self.source}"
             headers[Header.MSG_ID] = f"{msg_id}:{dedupe}" if dedupe else msg_id
-        await self._publish(self._subjects.event(event.kind.value), pack(event), headers)
+        await publish_retrying(self._js, self._subjects.event(event.kind.value), pack(event), headers)
 
-    async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
-        """A JetStream publish that rides out a stream leader election or a reconnect.
 
-        Retrying in place (bounded) means a finished tool call is not run again just because
-        its result could not be stored for a moment; the headers (expected sequence, message
-        id) make a retry of a publish that did land harmless.
-        """
-        delay = 0.05
-        async with asyncio.timeout(PUBLISH_RETRY_S):
-            while True:
-                try:
-                    await self._js.publish(subject, payload, headers=headers)
-                    return
-                except (NoStreamResponseError, NatsTimeoutError, ServiceUnavailableError) as error:
-                    log.warning("publish.retrying", subject=subject, error=type(error).__name__)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
+async def publish_retrying(js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str]) -> PubAck:
+    """A JetStream publish that rides out a stream leader election or a reconnect.
+
+    Retrying in place (bounded) means a finished tool call is not run again just because
+    its result could not be stored for a moment; the headers (expected sequence, message
+    id) make a retry of a publish that did land harmless.
+    """
+    delay = 0.05
+    async with asyncio.timeout(PUBLISH_RETRY_S):
+        while True:
+            try:
+                return await js.publish(subject, payload, headers=headers)
+            except (NoStreamResponseError, NatsTimeoutError, ServiceUnavailableError) as error:
+                log.warning("publish.retrying", subject=subject, error=type(error).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)

@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import structlog
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
-from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from shared.audit.entries import (
     GENESIS_PREV,
@@ -41,12 +39,11 @@ from shared.contracts.audit import (
     AuditResource,
     Outcome,
 )
-from shared.outcomes import EXPECTED_LAST_SUBJECT_SEQUENCE, WRONG_LAST_SEQUENCE
+from shared.outcomes import EXPECTED_LAST_SUBJECT_SEQUENCE, WRONG_LAST_SEQUENCE, publish_retrying
 from shared.subjects import CONTENT_JSON, Header, Stream, Subjects
 
 log = structlog.get_logger(__name__)
 
-APPEND_RETRY_S = 20.0  # rides out a stream leader election, like result publishing
 
 
 class Appended(StrEnum):
@@ -143,7 +140,7 @@ class ChainWriter:
         headers = {Header.MSG_ID: msg_id, EXPECTED_LAST_SUBJECT_SEQUENCE: str(head.stream_seq),
                    Header.CONTENT_TYPE: CONTENT_JSON}
         try:
-            ack = await self._publish_retrying(subject, data, headers)
+            ack = await publish_retrying(self._js, subject, data, headers)
         except BadRequestError as error:
             if error.err_code != WRONG_LAST_SEQUENCE:
                 raise
@@ -152,17 +149,6 @@ class ChainWriter:
             return int(ack.seq)
         stored = await self._js.get_msg(Stream.AUDIT.value, ack.seq)
         return int(ack.seq) if stored.subject == subject and stored.data == data else None
-
-    async def _publish_retrying(self, subject: str, data: bytes, headers: dict[str, str]) -> PubAck:
-        delay = 0.05
-        async with asyncio.timeout(APPEND_RETRY_S):
-            while True:
-                try:
-                    return await self._js.publish(subject, data, headers=headers)
-                except (NoStreamResponseError, NatsTimeoutError, ServiceUnavailableError) as error:
-                    log.warning("audit.append_retrying", error=type(error).__name__)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
 
     async def _after_conflict(self, data: bytes) -> int:
         """The chain moved under us: our own earlier try landed (a lost ack), or someone else wrote."""
