@@ -7,12 +7,10 @@ passes through the secret redaction once more, in case a producer of events forg
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from typing import Any
 
-from shared.audit.entries import RecordError, canonical_json
+from shared.audit.entries import RecordError, arguments_digest, canonical_json
 from shared.config import Config
 from shared.contracts import CallStatus, Event, EventKind
 from shared.contracts.audit import Activity, AuditActor, AuditEvent, AuditResource, Outcome, ResultDigest
@@ -54,8 +52,7 @@ def _arguments(event: Event) -> dict[str, Any]:
     try:
         canonical_json(arguments)
     except RecordError:
-        text = json.dumps(arguments, sort_keys=True, default=str).encode()
-        return {"arguments": None, "arguments_sha256": hashlib.sha256(text).hexdigest()}
+        return {"arguments": None, "arguments_sha256": arguments_digest(arguments)}
     return {"arguments": arguments, "arguments_sha256": event.arguments_sha256}
 
 

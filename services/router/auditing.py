@@ -7,13 +7,11 @@ redacted, or with `audit.arguments: sha256` only the digest of their RFC 8785 JS
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
-
-import rfc8785
 
 from services.router.decision import Decision
 from services.router.risk import risk_score
+from shared.audit.entries import arguments_digest
 from shared.config import AuditConfig
 from shared.telemetry import redact
 
@@ -24,15 +22,8 @@ def argument_fields(decision: Decision, audit: AuditConfig) -> dict[str, Any]:
         return {}
     fields: dict[str, Any] = {"risk": risk_score(decision.arguments).score}
     if audit.arguments == "sha256":
-        fields["arguments_sha256"] = _digest(decision.arguments)
+        fields["arguments_sha256"] = arguments_digest(decision.arguments)
     else:
         fields["arguments"] = redact(decision.arguments)
     return fields
 
-
-def _digest(arguments: dict[str, Any]) -> str:
-    try:
-        canonical = rfc8785.dumps(arguments)
-    except rfc8785.CanonicalizationError:  # e.g. an integer beyond 2**53: hash a stable repr instead
-        canonical = repr(sorted(arguments.items())).encode()
-    return hashlib.sha256(canonical).hexdigest()

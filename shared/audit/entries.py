@@ -34,6 +34,16 @@ def canonical_json(value: Any) -> bytes:
         raise RecordError(f"not canonicalizable: {error}") from error
 
 
+def arguments_digest(value: Any) -> str:
+    """Hex SHA-256 of a JSON value's RFC 8785 form; for values JCS cannot hold (NaN, integers past
+    2**53), of its sorted-keys JSON instead, so every value has one stable digest."""
+    try:
+        canonical = canonical_json(value)
+    except RecordError:
+        canonical = json.dumps(value, sort_keys=True, default=str).encode()
+    return hashlib.sha256(canonical).hexdigest()
+
+
 def entry_hash(body: dict[str, Any]) -> bytes:
     """SHA-256(0x00 ‖ JCS(body)): the record's hash and its Merkle leaf."""
     return hashlib.sha256(b"\x00" + canonical_json(body)).digest()
