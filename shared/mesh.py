@@ -95,10 +95,7 @@ def ensure_audit_key(config: Config, data_dir: Path) -> Path:
 
 def write_key_pair(key: SigningKey, path: Path) -> None:
     """Write a signing key (owner-only) and its verifier key (`<path>` with suffix `.vkey`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(f"{key}\n")
+    key.write(path)
     path.with_suffix(".vkey").write_text(f"{key.verifier}\n")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import secrets
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -69,10 +68,7 @@ def load_writer_key(settings: AuditSettings) -> tuple[SigningKey, str]:
     if path.exists():
         return SigningKey.parse(path.read_text()), settings.instance
     key = SigningKey.generate(settings.instance)
-    settings.key_dir.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(str(key) + "\n")
+    key.write(path)
     return key, settings.instance
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -120,6 +122,13 @@ class SigningKey:
 
     def sign(self, message: bytes) -> bytes:
         return self.private.sign(message)
+
+    def write(self, path: Path) -> None:
+        """Write the key to a new file only its owner can read (an existing file is never replaced)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(f"{self}\n")
 
 
 def sign_note(text: str, key: SigningKey) -> str:
