@@ -48,11 +48,12 @@ class Outcomes:
 
     async def publish_result(
         self, call_id: str, response: ToolCallResponse, status: CallStatus, reply_to: str | None
-    ) -> bool:
-        """Store the final result unless one exists, then send it to `reply_to`; True if stored now.
+    ) -> bytes:
+        """Store the final result unless one exists, then send it to `reply_to`; the result's JSON.
 
         `Nats-Expected-Last-Subject-Sequence: 0` makes RESULTS refuse a second result for the
-        same call whatever the timing, so a producer reading RESULTS sees exactly one.
+        same call whatever the timing, so a producer reading RESULTS sees exactly one. The JSON is
+        returned so a caller can describe it (size, digest) without serializing it again.
         """
         payload = dump_model_json(response)
         headers = self._result_headers(call_id, status)
@@ -63,10 +64,10 @@ class Outcomes:
             if error.err_code != WRONG_LAST_SEQUENCE:
                 raise
             log.info("result.already_stored")
-            return False
+            return payload
         if reply_to:
             await self._nc.publish(reply_to, payload, headers=headers)
-        return True
+        return payload
 
     def _result_headers(self, call_id: str, status: CallStatus) -> dict[str, str]:
         return {

@@ -35,7 +35,7 @@ from services.executor.execution import backoff_delay, final_limit, success_resp
 from services.executor.ledger import CallLedger, ClaimOutcome
 from services.executor.settlement import MAX_TOKENS_META, settle_call
 from shared.budget_client import BudgetClient
-from shared.codec import dump_model_json, pack
+from shared.codec import pack
 from shared.config import PoolConfig
 from shared.contracts import Attempt, CallStatus, DeadLetter, EventKind, ToolCallResponse, WorkItem
 from shared.errors import (
@@ -248,14 +248,15 @@ class CallRunner:
             # Before the result: a crash in between re-runs the call (settling again is a no-op)
             # rather than leaving a published call unsettled.
             await settle_call(self.w.budget, work, response, status)
-        await self.w.outcomes.publish_result(work.call_id, response, status, work.reply_to)
+        published = await self.w.outcomes.publish_result(work.call_id, response, status, work.reply_to)
         await asyncio.gather(
             self.w.ledger.complete(work.call_id, self.w.instance),
             self.w.outcomes.emit(
                 _event_kind(status, answer), **event_fields(work), status=status,
                 reason=response.error.data.reason if response.error else None,
                 duration_ms=round(seconds * 1000, 3), detail={"latency_ms": now_ms() - work.accepted_at_ms},
-                **result_digest(response),
+                # the audit log keeps a result as its size and digest, never its content
+                result_bytes=len(published), result_sha256=hashlib.sha256(published).hexdigest(),
             ),
         )
         await msg.ack()
@@ -343,12 +344,6 @@ def _event_kind(status: CallStatus, answer: Answer) -> EventKind:
     if status in (CallStatus.OK, CallStatus.TOOL_ERROR):
         return EventKind.CALL_COMPLETED
     return EventKind.CALL_REJECTED if isinstance(answer, CircuitOpen) else EventKind.CALL_FAILED
-
-
-def result_digest(response: ToolCallResponse) -> dict[str, int | str]:
-    """What the audit log keeps of a result: its size and SHA-256, never its content."""
-    payload = dump_model_json(response)
-    return {"result_bytes": len(payload), "result_sha256": hashlib.sha256(payload).hexdigest()}
 
 
 def event_fields(work: WorkItem) -> dict[str, str]:
