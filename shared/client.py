@@ -22,7 +22,9 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js.errors import NoStreamResponseError, NotFoundError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 from pydantic import SecretStr
 
 from shared.bus import servers_of
@@ -34,6 +36,8 @@ from shared.subjects import CONTENT_JSON, DEFAULT_PREFIX, Header, Stream, Subjec
 from shared.telemetry import trace_headers, tracer
 
 DEFAULT_TIMEOUT_S = 60.0
+# What a request to JetStream raises while nats-server restarts or JetStream is still recovering.
+_BUS_AWAY = (NatsTimeoutError, NoRespondersError, ServiceUnavailableError)
 
 
 class ToolbusUnavailable(ConnectionError):
@@ -221,13 +225,19 @@ class ToolbusClient:
         return parse_result(call_id, stored.data or b"", stored.headers)
 
     async def wait_result(self, call_id: str, timeout_s: float | None = None) -> CallResult:
-        """Wait for the stored result of a call submitted earlier (polls RESULTS, bounded)."""
+        """Wait for the stored result of a call submitted earlier (polls RESULTS, bounded).
+
+        A poll that fails because the bus is briefly away (a nats-server restart, JetStream
+        not yet back) counts as "no result yet": only the overall timeout ends the wait.
+        """
         async with asyncio.timeout(timeout_s or self._timeout_s):
             delay = 0.01
-            while (result := await self.fetch_result(call_id)) is None:
+            while True:
+                with contextlib.suppress(*_BUS_AWAY):
+                    if (result := await self.fetch_result(call_id)) is not None:
+                        return result
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
-            return result
 
     async def _await_result(self, call_id: str, future: asyncio.Future[CallResult], timeout_s: float) -> CallResult:
         """The reply, or, if it never came (reconnect, lost reply), the stored result."""

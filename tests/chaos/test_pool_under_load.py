@@ -12,6 +12,7 @@ the demo server records every execution (with its start time), RESULTS holds eac
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -24,7 +25,9 @@ from nats.aio.msg import Msg
 
 from services.router.app import RouterService, RouterSettings
 from shared.client import ToolbusClient
+from shared.codec import dump_model_json
 from shared.config import Config
+from shared.contracts import ToolCallResponse
 from shared.embedded import NatsServer, NatsServerSettings, RedisServer, RedisServerSettings
 from shared.mesh import bootstrap
 from tests.conftest import ADMIN_KEY, make_config
@@ -34,6 +37,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.asyncio(loop_scope="function")]
 
 CALLS = 600
 SLEEP_MS = 40
+JS_REQUEST_TIMEOUT_S = 5  # nats-py's default JetStream request timeout
 
 
 @pytest.fixture
@@ -138,6 +142,26 @@ async def test_nats_restart_under_load_loses_and_repeats_nothing(
     """600 calls, nats-server restarted mid-run (file store): each call gets exactly one ok result."""
     _router, _workers, record = two_workers
     await load_with_fault(nats_fresh.url, record, lambda: asyncio.to_thread(nats_fresh.restart))
+
+
+async def test_wait_result_rides_out_a_nats_restart(nats_fresh: NatsServer, git_repo: Path, tmp_path: Path) -> None:
+    """A producer waiting on a result while nats-server is down (longer than a request timeout) still gets it."""
+    await bootstrap(nats_fresh.url, load_config(git_repo, tmp_path / "record.jsonl"))
+    call_id = str(uuid.uuid4())
+    async with ToolbusClient(nats_fresh.url, ADMIN_KEY) as client:
+        waiting = asyncio.create_task(client.wait_result(call_id, timeout_s=60))
+        await asyncio.to_thread(nats_fresh.kill)
+        await asyncio.sleep(JS_REQUEST_TIMEOUT_S + 1)  # polls made while it is down time out
+        assert not waiting.done(), "a poll that timed out while the server was away must not end the wait"
+        await asyncio.to_thread(nats_fresh.start)
+        nc = await nats.connect(nats_fresh.url)
+        try:
+            response = ToolCallResponse(id=1, result={"content": [{"type": "text", "text": "late"}]})
+            await nc.jetstream().publish(f"toolbus.result.{call_id}", dump_model_json(response))
+        finally:
+            await nc.close()
+        result = await waiting
+    assert result.status.value == "ok" and result.text == "late"
 
 
 @pytest.fixture
