@@ -29,6 +29,7 @@ from pydantic import SecretStr
 
 from shared.bus import servers_of
 from shared.codec import dump_json
+from shared.context_client import ContextClient
 from shared.contracts import CallStatus, ToolCallResponse
 from shared.errors import CallFailed
 from shared.ids import new_call_id
@@ -127,6 +128,11 @@ class ToolbusClient:
         self._nc = await nats.connect(servers_of(self._url), name=self._name, max_reconnect_attempts=-1)
         self._inbox = self._nc.new_inbox()
         await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_reply)
+
+    @property
+    def context(self) -> ContextClient:
+        """The context store's API on this client's connection (sessions, render, handoff)."""
+        return ContextClient(self._connected(), self._subjects)
 
     async def close(self) -> None:
         if self._nc is not None:

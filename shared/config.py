@@ -501,6 +501,30 @@ class AuditConfig(BaseModel):
     stale_after_s: float = Field(default=300, gt=0, description="Verify warns when the newest checkpoint is older.")
 
 
+class ContextConfig(BaseModel):
+    """Context sessions: capacity, pruning, rendering and size limits."""
+
+    model_config = _MODEL_CONFIG
+
+    enabled: bool = Field(default=True, description="Run the context store.")
+    ttl_s: float = Field(default=7 * 86400, gt=0, description="A session unused this long expires.")
+    max_tokens: int = Field(default=32_000, ge=1, description="A session's capacity; saturation = tokens / this.")
+    prune_at: _Fraction | None = Field(default=0.9, description="Saturation that prunes a session; null: never.")
+    prune_to: _Fraction = Field(default=0.7, description="Saturation pruning brings a session down to.")
+    decay_half_life_s: float = Field(default=0, ge=0, description="Pruning halves relevance per this age; 0: off.")
+    recent_share: _Fraction = Field(default=0.5, description="Render: budget share for the latest USER/AGENT turns.")
+    min_relevance: float = Field(default=0.05, ge=0, le=1,
+                                 description="Render: TOOL/MEMORY/KNOWLEDGE below it are left out.")
+    max_block_bytes: int = Field(default=256 * 1024, ge=1, description="UTF-8 size of one block's content, max.")
+    max_blocks: int = Field(default=5000, ge=1, description="Blocks in one session, max.")
+
+    @model_validator(mode="after")
+    def _check_prune_range(self) -> ContextConfig:
+        if self.prune_at is not None and self.prune_to >= self.prune_at:
+            raise ValueError(f"prune_to ({self.prune_to}) must be below prune_at ({self.prune_at})")
+        return self
+
+
 class Config(BaseModel):
     """The whole toolbus configuration; the pool ``default`` always exists."""
 
@@ -519,6 +543,7 @@ class Config(BaseModel):
     accounting: AccountingConfig = Field(default_factory=AccountingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    context: ContextConfig = Field(default_factory=ContextConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -15,7 +15,13 @@
     ├── BackendError                  -32603 backend_error (data.backend_code is the backend's code)
     ├── DeadlineExceeded              -32008 deadline_exceeded
     ├── DeadLettered                  -32060 dead_lettered
-    └── Cancelled                     -32800 cancelled (MCP's request-cancelled code)
+    ├── Cancelled                     -32800 cancelled (MCP's request-cancelled code)
+    └── ContextError                  (a `toolbus.ctx.*` request refused; no call involved)
+        ├── SessionNotFound           -32004 session_not_found (unknown, deleted or expired)
+        ├── VersionConflict           -32009 version_conflict (data.current_version)
+        └── ContextTooLarge           -32013 context_too_large (data.limit, data.size)
+
+A malformed `toolbus.ctx.*` request is answered with InvalidRequest (-32600) and the reason.
 
 A service raises these; its boundary turns them into a JSON-RPC error object with
 `data: {reason, call_id, ...}`. Anything else that escapes becomes `InternalError` carrying
@@ -45,6 +51,9 @@ class Reason(StrEnum):
     DEAD_LETTERED = "dead_lettered"  # retries exhausted, call parked in the DLQ
     CANCELLED = "cancelled"  # cancelled by the producer
     BACKEND_ERROR = "backend_error"  # the backend answered with a JSON-RPC error, not a tool result
+    SESSION_NOT_FOUND = "session_not_found"  # no such context session (never made, deleted or expired)
+    VERSION_CONFLICT = "version_conflict"  # `if_version` is not the session's current version
+    CONTEXT_TOO_LARGE = "context_too_large"  # a block, session or render budget is over a limit
     INTERNAL_ERROR = "internal_error"  # a bug or an unexpected failure; see the correlation id
 
 
@@ -60,9 +69,14 @@ class ToolbusError(Exception):
         self.data = data
 
     def to_jsonrpc(self, call_id: str) -> dict[str, Any]:
-        """The JSON-RPC `error` member for this failure."""
-        data = {**self.data, "reason": self.reason.value, "call_id": call_id}  # extras never mask these
-        return {"code": self.code, "message": self.message, "data": data}
+        """The JSON-RPC `error` member for this failure of a call."""
+        error = self.error_object()
+        error["data"]["call_id"] = call_id  # extras never mask it
+        return error
+
+    def error_object(self) -> dict[str, Any]:
+        """The JSON-RPC error object without a call id (context-store requests have none)."""
+        return {"code": self.code, "message": self.message, "data": {**self.data, "reason": self.reason.value}}
 
 
 class InternalError(ToolbusError):
@@ -147,6 +161,25 @@ class Cancelled(ToolbusError):
     reason = Reason.CANCELLED
 
 
+class ContextError(ToolbusError):
+    """A context-store request refused; answered as a JSON-RPC error like a call's."""
+
+
+class SessionNotFound(ContextError):
+    code = -32004
+    reason = Reason.SESSION_NOT_FOUND
+
+
+class VersionConflict(ContextError):
+    code = -32009
+    reason = Reason.VERSION_CONFLICT
+
+
+class ContextTooLarge(ContextError):
+    code = -32013
+    reason = Reason.CONTEXT_TOO_LARGE
+
+
 ERRORS_BY_CODE: dict[int, type[ToolbusError]] = {
     cls.code: cls
     for cls in (
@@ -163,6 +196,9 @@ ERRORS_BY_CODE: dict[int, type[ToolbusError]] = {
         Overloaded,
         DeadLettered,
         Cancelled,
+        SessionNotFound,
+        VersionConflict,
+        ContextTooLarge,
         InternalError,
     )
 }
@@ -181,3 +217,13 @@ class CallFailed(Exception):
     def reason(self) -> str:
         """The `data.reason` string of the error, e.g. `forbidden`."""
         return str(self.data.get("reason", ""))
+
+
+class ContextRefused(CallFailed):
+    """Raised by the context SDK when the store refuses a request (`reason`, `code` as for calls)."""
+
+    @property
+    def current_version(self) -> int | None:
+        """The session's version, on a `version_conflict`: retry with it."""
+        version = self.data.get("current_version")
+        return int(version) if version is not None else None

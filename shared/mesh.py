@@ -100,13 +100,15 @@ def write_key_pair(key: SigningKey, path: Path) -> None:
 
 
 def service_plan(config: Config, data_dir: Path = Path(".toolbus")) -> list[ServiceProcess]:
-    """The processes a config asks for: the audit writers and the accountant (when on), one router,
-    and each pool's workers."""
+    """The processes a config asks for: the audit writers, the accountant and the context store (each
+    when on), one router, and each pool's workers."""
     plan = [ServiceProcess(f"audit-{i}", "services.audit", [
         "--signing-key", str(audit_key_path(config, data_dir)), "--key-dir", str(data_dir / "audit" / "writers")])
         for i in range(1, config.audit.writers + 1)] if config.audit.enabled else []
     if config.accounting.enabled:
         plan.append(ServiceProcess("budget", "services.budget"))
+    if config.context.enabled:
+        plan.append(ServiceProcess("context", "services.context"))
     plan.append(ServiceProcess("router", "services.router"))
     served = {server.pool for server in config.servers.values()}
     for pool, pool_config in sorted(config.pools.items()):

@@ -55,6 +55,9 @@ def audit_durable(log_id: str) -> str:
     return f"audit-{log_id}"
 
 
+CONTEXT_DURABLE = "context"  # the EVENTS consumer context replicas share (tool results into sessions)
+
+
 def work_durable(pool: str, priority: int) -> str:
     """The durable WORK consumer one priority level of a pool uses, shared by all its workers."""
     return f"pool-{pool}-p{priority}"
@@ -110,6 +113,10 @@ class Subjects:
     def budget(self, verb: str) -> str:
         """Core-NATS request subject of the budget accountant: reserve, settle, release, status, set, rebuild."""
         return f"{self.prefix}.budget.{verb}"
+
+    def ctx(self, verb: str) -> str:
+        """Core-NATS request subject of the context store, e.g. `append` (DESIGN.md §5 lists the verbs)."""
+        return f"{self.prefix}.ctx.{verb}"
 
     def mesh(self, verb: str) -> str:
         """Core-NATS request subject a running `toolbus up` answers, e.g. `scale`."""

@@ -20,6 +20,7 @@ import yaml
 
 from services.audit.app import AuditService, AuditSettings
 from services.budget.app import BudgetService, BudgetSettings
+from services.context.app import ContextService, ContextSettings
 from services.executor.app import ExecutorService, ExecutorSettings
 from services.router.app import RouterService, RouterSettings
 from shared.audit.notes import VerifierKey
@@ -35,11 +36,11 @@ T = TypeVar("T")
 
 class InProcessMesh:
     """Budget accountant + router + one executor per served pool (+ the audit writer when given a
-    log key), as asyncio tasks of the test's event loop (the accountant only when the config has
-    accounting on)."""
+    log key, + the context store when asked), as asyncio tasks of the test's event loop (the
+    accountant only when the config has accounting on)."""
 
     def __init__(self, nats_url: str, config: Config, redis_url: str, workers: int = 1,
-                 audit_key: Path | None = None) -> None:
+                 audit_key: Path | None = None, context: bool = False) -> None:
         self.nats_url = nats_url
         self.redis_url = redis_url
         self.config = config
@@ -49,6 +50,8 @@ class InProcessMesh:
         # The audit writer only when a test hands it a log key: most tests have no use for it.
         self.audit = AuditService(AuditSettings(nats_url, audit_key, config.prefix, "audit-test")) \
             if audit_key is not None else None
+        self.context = ContextService(ContextSettings(nats_url, config.prefix, "context-test", redis_url)) \
+            if context else None
         pools = sorted({server.pool for server in config.servers.values()})
         self.executors = [
             ExecutorService(ExecutorSettings(nats_url, pool, config.prefix, f"executor-{pool}-{n}", redis_url))
@@ -61,6 +64,8 @@ class InProcessMesh:
             await self.audit.start()
         if self.budget is not None:
             await self.budget.start()
+        if self.context is not None:
+            await self.context.start()
         await asyncio.gather(*(executor.start() for executor in self.executors))
         await self.router.start()
         return self
@@ -70,6 +75,8 @@ class InProcessMesh:
         await asyncio.gather(*(executor.stop() for executor in self.executors))
         if self.budget is not None:
             await self.budget.stop()
+        if self.context is not None:
+            await self.context.stop()
         if self.audit is not None:
             await self.audit.stop()
 

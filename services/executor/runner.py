@@ -346,6 +346,7 @@ def _event_kind(status: CallStatus, answer: Answer) -> EventKind:
     return EventKind.CALL_REJECTED if isinstance(answer, CircuitOpen) else EventKind.CALL_FAILED
 
 
-def event_fields(work: WorkItem) -> dict[str, str]:
-    """The fields every event about a call carries."""
-    return {"call_id": work.call_id, "principal": work.principal, "tool": work.public_tool, "pool": work.pool}
+def event_fields(work: WorkItem) -> dict[str, str | None]:
+    """The fields every event about a call carries (the session lets the context store find its result)."""
+    return {"call_id": work.call_id, "principal": work.principal, "tool": work.public_tool, "pool": work.pool,
+            "session": work.session}

@@ -61,6 +61,7 @@ class Event(BaseModel):
     tool: str | None = None
     pool: str | None = None
     trace_id: str | None = None
+    session: str | None = Field(default=None, description="Context session (Toolbus-Session) the call belongs to.")
     status: CallStatus | None = None
     reason: str | None = Field(default=None, description="Error reason for refusals and failures.")
     attempt: int | None = None

@@ -31,6 +31,7 @@ from pydantic import BaseModel, TypeAdapter
 from shared import contracts
 from shared.contracts.audit import AuditEnvelope
 from shared.contracts.budget import ReserveRequest
+from shared.contracts.context import AppendBlocks
 from shared.contracts.events import CallStatus, Event, EventKind
 from shared.contracts.jsonrpc import ToolCallRequest, ToolCallResponse
 from shared.contracts.registry import ScaleRequest
@@ -299,8 +300,29 @@ def _budget(s: Subjects) -> ChannelSpec:
     )
 
 
+CTX_VERBS = ("create", "append", "get", "render", "rescore", "prune", "dedupe", "export", "import", "delete",
+             "forget-user", "search")
+
+
+def _ctx(s: Subjects) -> ChannelSpec:
+    return ChannelSpec(
+        key="ctx", address=s.ctx(_slot("verb")), message="AppendBlocks",
+        summary="Core-NATS requests to the context store (queue group `context`). Verbs and bodies: "
+        "`create` CreateSession → SessionReply, `append` AppendBlocks → AppendReply, `get` SessionRef → "
+        "SessionReply, `render` RenderContext → RenderReply, `rescore` RescoreSession → ChangeReply, `prune` "
+        "PruneSession → ChangeReply, `dedupe` SessionRef → ChangeReply, `export` SessionRef → ExportReply, "
+        "`import` ImportSession → SessionReply, `delete` SessionRef → DeleteReply, `forget-user` ForgetUser → "
+        "DeleteReply, `search` SearchSessions → SearchReply. A refusal is the reply's `error`: a JSON-RPC "
+        "error object (code, message, data.reason).",
+        payload=_payload_ref(AppendBlocks), content_type=CONTENT_MSGPACK,
+        parameters={"verb": _param("The context-store operation.", list(CTX_VERBS))},
+        action="send",
+        operation="Agents (SDK `ToolbusClient.context`, `toolbus ctx`) ask; a context-store replica answers.",
+    )
+
+
 CHANNELS: tuple[Callable[[Subjects], ChannelSpec], ...] = (
-    _call, _result, _work, _event, _dlq, _audit, _audit_checkpoint, _cancel, _progress, _mesh, _budget,
+    _call, _result, _work, _event, _dlq, _audit, _audit_checkpoint, _cancel, _progress, _mesh, _budget, _ctx,
 )
 
 

@@ -11,6 +11,8 @@ pytestmark = pytest.mark.unit
 EXPECTED = {
     "CallFailed", "CallResult", "Config", "ConfigError", "Header", "Stream", "Subjects", "ToolbusClient",
     "ToolbusError", "ToolbusUnavailable", "load_config", "new_call_id",
+    # the context store's SDK (issue 6)
+    "BlockType", "ContextClient", "ContextRefused", "ContextUnavailable", "NewBlock",
 }
 
 

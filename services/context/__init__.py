@@ -1,0 +1,1 @@
+"""Context store: versioned MCP context sessions in Redis, rendered to a token budget, handed between agents."""
