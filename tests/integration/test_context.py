@@ -16,13 +16,15 @@ from pathlib import Path
 import nats
 import pytest
 import pytest_asyncio
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
-from services.context.tool_results import block_id
 from services.context.tokens import count_tokens
+from services.context.tool_results import block_id
 from shared.audit.entries import decode_record
 from shared.audit.notes import SigningKey
 from shared.client import ToolbusClient
-from shared.codec import pack
+from shared.codec import pack, unpack
 from shared.contracts import Event, EventKind
 from shared.contracts.context import BlockType, NewBlock, Session
 from shared.embedded import NatsServer, RedisServer
@@ -78,7 +80,7 @@ async def tool_blocks(client: ToolbusClient, session_id: str, count: int) -> Ses
 
 async def test_handoff_renders_byte_identical_text_for_the_receiving_agent(
         client: ToolbusClient, git_repo: Path) -> None:
-    """Agent A's session (system prompt, 3 turns each way, 2 real tool results) exported and imported by B renders the same bytes."""
+    """A's session (system prompt, 3 turns each way, 2 real tool results), imported by B, renders the same bytes."""
     ctx = client.context
     session = await ctx.create("agent-a", user_id="hand-user", metadata={"task": "handoff"},
                                blocks=[turn(BlockType.SYSTEM, "You are a careful release engineer.")])
@@ -104,10 +106,10 @@ async def test_handoff_renders_byte_identical_text_for_the_receiving_agent(
 
 
 async def test_fifty_concurrent_appenders_with_if_version_lose_no_block(client: ToolbusClient) -> None:
-    """50 writers append with the version they read: each conflict names the current version, a retry wins, no block is lost."""
+    """50 writers append at the version they read: a conflict names a newer version, a retry wins, no block is lost."""
     ctx = client.context
     session = await ctx.create("agent-race")
-    conflicts: list[int] = []
+    conflicts: list[tuple[int, ContextRefused]] = []
 
     async def appender(n: int) -> None:
         version = session.version
@@ -117,20 +119,20 @@ async def test_fifty_concurrent_appenders_with_if_version_lose_no_block(client: 
                                  if_version=version)
                 return
             except ContextRefused as refused:
-                assert refused.reason == "version_conflict" and refused.current_version is not None
-                assert refused.current_version > version
-                conflicts.append(n)
-                version = refused.current_version
+                conflicts.append((version, refused))
+                version = refused.current_version if refused.current_version is not None else version
 
     await asyncio.gather(*(appender(n) for n in range(50)))
     final = await ctx.get(session.session_id)
     assert sorted(b.id for b in final.blocks) == sorted(f"fact-{n}" for n in range(50))
     assert final.version == 50
     assert conflicts, "50 writers starting from one version must collide"
+    assert all(refused.reason == "version_conflict" for _, refused in conflicts)
+    assert all((refused.current_version or 0) > stale for stale, refused in conflicts)
 
 
 async def test_same_if_version_exactly_one_of_two_writers_wins(client: ToolbusClient) -> None:
-    """Two appends with the same if_version: one is stored, the other is refused with the new version and then succeeds."""
+    """Two appends at the same if_version: one is stored, the other is refused with the new version, then succeeds."""
     ctx = client.context
     session = await ctx.create("agent-pair")
     first, second = await asyncio.gather(
@@ -175,18 +177,18 @@ async def test_redelivered_completion_event_appends_the_tool_block_once(
 
 
 class EventWatch:
-    def __init__(self, nc: nats.NATS, seen: list[Event]) -> None:
+    """Collects the events of one kind published while it runs."""
+
+    def __init__(self, nc: NatsClient, seen: list[Event]) -> None:
         self.nc = nc
         self.seen = seen
 
     @classmethod
     async def start(cls, url: str, kind: EventKind) -> EventWatch:
-        from shared.codec import unpack
-
         nc = await nats.connect(url)
         seen: list[Event] = []
 
-        async def on_event(msg: nats.aio.msg.Msg) -> None:
+        async def on_event(msg: Msg) -> None:
             seen.append(unpack(Event, msg.data))
 
         await nc.subscribe(Subjects(PREFIX).event(kind.value), cb=on_event)
@@ -204,12 +206,12 @@ async def consumer_idle(url: str) -> bool:
         info = await nc.jetstream().consumer_info("EVENTS", "context")
     finally:
         await nc.close()
-    return info.num_pending == 0 and info.num_ack_pending == 0
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
 
 async def test_forget_user_deletes_every_session_emits_events_and_audits_without_content(
         running: ContextMesh, client: ToolbusClient) -> None:
-    """forget-user removes all the user's sessions, emits ctx.deleted for each, and the audit log records them without content."""
+    """forget-user removes the user's sessions, emits ctx.deleted for each; the audit log has them, minus content."""
     ctx = client.context
     secret = f"private-note-{uuid.uuid4().hex}"
     mine = [await ctx.create(f"agent-{n}", user_id="forget-me", blocks=[turn(BlockType.USER, secret)])
@@ -235,8 +237,8 @@ async def test_forget_user_deletes_every_session_emits_events_and_audits_without
     async def audited() -> list[dict[str, object]] | None:
         records, _report = await verify_audit_log(running.mesh.nats_url, PREFIX, running.key.verifier)
         bodies = [decode_record(r.data)[0] for r in records]
-        found = [b for b in bodies if b["event"]["action"] == "ctx.deleted"  # type: ignore[index]
-                 and b["event"]["resource"]["id"] in deleted]  # type: ignore[index]
+        found = [b for b in bodies if b["event"]["action"] == "ctx.deleted"
+                 and b["event"]["resource"]["id"] in deleted]
         return found if len(found) == 3 else None
 
     records = await eventually(audited, timeout=20)
