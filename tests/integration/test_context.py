@@ -13,11 +13,13 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgpack
 import nats
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from redis.asyncio import Redis
 
 from services.context.tokens import count_tokens
 from services.context.tool_results import block_id
@@ -26,7 +28,7 @@ from shared.audit.notes import SigningKey
 from shared.client import ToolbusClient
 from shared.codec import pack, unpack
 from shared.contracts import Event, EventKind
-from shared.contracts.context import BlockType, NewBlock, Session
+from shared.contracts.context import AppendReply, BlockType, NewBlock, RescoreMethod, Session
 from shared.embedded import NatsServer, RedisServer
 from shared.errors import ContextRefused
 from shared.mesh import write_key_pair
@@ -245,3 +247,169 @@ async def test_forget_user_deletes_every_session_emits_events_and_audits_without
     assert all(secret not in str(record) for record in records)
     _records, report = await verify_audit_log(running.mesh.nats_url, PREFIX, running.key.verifier)
     assert report.ok
+
+
+async def test_appending_past_prune_at_prunes_least_relevant_blocks_and_keeps_system(
+        running: ContextMesh, client: ToolbusClient) -> None:
+    """Crossing prune_at drops the least relevant non-SYSTEM blocks down to prune_to, announces it, keeps SYSTEM."""
+    ctx = client.context
+    session = await ctx.create("agent-prune", max_tokens=300,
+                               blocks=[turn(BlockType.SYSTEM, "Always answer in French.")])
+    events = await EventWatch.start(running.mesh.nats_url, EventKind.CTX_PRUNED)
+    try:
+        for n in range(12):
+            reply = await ctx.append(session.session_id, [turn(BlockType.KNOWLEDGE, "fact " * 40 + str(n),
+                                                               id=f"k{n}", relevance=(n % 4 + 1) / 4)])
+        await eventually(lambda: asyncio.sleep(0, bool(events.seen)))
+    finally:
+        pruned_events = await events.stop()
+    final = await ctx.get(session.session_id)
+    config = running.mesh.config.context
+    assert final.metrics.saturation <= config.prune_at  # type: ignore[operator]
+    assert any(b.type is BlockType.SYSTEM for b in final.blocks)
+    kept = {b.id for b in final.blocks if b.type is BlockType.KNOWLEDGE}
+    dropped = {f"k{n}" for n in range(12)} - kept
+    assert dropped and {"k3", "k7", "k11"} <= kept, "the most relevant blocks (1.0) survive"
+    assert sum(int(e.detail["blocks"] or 0) for e in pruned_events) == len(dropped)
+    assert reply.metrics.total_tokens == final.metrics.total_tokens
+
+
+async def test_limits_refuse_with_the_limit_and_size_named(client: ToolbusClient) -> None:
+    """A block over max_block_bytes, a session over max_blocks and a budget below SYSTEM are refused with -32013."""
+    ctx = client.context
+    session = await ctx.create("agent-limits", blocks=[turn(BlockType.SYSTEM, "You are terse. " * 40)])
+    with pytest.raises(ContextRefused) as big:
+        await ctx.append(session.session_id, [turn(BlockType.USER, "x" * 20_001)])
+    assert big.value.code == -32013 and big.value.data["limit"] == 20_000 and big.value.data["size"] == 20_001
+    with pytest.raises(ContextRefused) as many:
+        await ctx.append(session.session_id, [turn(BlockType.USER, f"t{n}") for n in range(200)])
+    assert many.value.reason == "context_too_large" and many.value.data["size"] == 201
+    with pytest.raises(ContextRefused) as small:
+        await ctx.render(session.session_id, budget_tokens=10)
+    assert small.value.reason == "context_too_large" and small.value.data["limit"] == 10
+    assert (await ctx.get(session.session_id)).version == session.version, "refusals change nothing"
+
+
+async def test_capacity_held_by_system_blocks_refuses_without_pruning(client: ToolbusClient) -> None:
+    """When SYSTEM blocks leave no room, an append is refused and nothing is pruned first."""
+    ctx = client.context
+    session = await ctx.create("agent-full", max_tokens=60, blocks=[
+        turn(BlockType.SYSTEM, "rule " * 40), turn(BlockType.MEMORY, "remember this", id="memo")])
+    with pytest.raises(ContextRefused) as full:
+        await ctx.append(session.session_id, [turn(BlockType.USER, "word " * 30)])
+    assert full.value.reason == "context_too_large"
+    assert [b.id for b in (await ctx.get(session.session_id)).blocks][-1] == "memo"
+
+
+async def test_appending_a_known_block_id_again_is_a_no_op(client: ToolbusClient) -> None:
+    """Re-sending a block id the session has (even after it was pruned) is skipped, not appended again."""
+    ctx = client.context
+    session = await ctx.create("agent-retry")
+    first = await ctx.append(session.session_id, [turn(BlockType.USER, "hello", id="turn-1")])
+    again = await ctx.append(session.session_id, [turn(BlockType.USER, "hello", id="turn-1")])
+    assert first.block_ids == ["turn-1"] and again.skipped == ["turn-1"] and again.block_ids == []
+    assert again.version == first.version
+    await ctx.prune(session.session_id, target_saturation=0)
+    after_prune = await ctx.append(session.session_id, [turn(BlockType.USER, "hello", id="turn-1")])
+    assert after_prune.skipped == ["turn-1"]
+    assert (await ctx.get(session.session_id)).blocks == []
+
+
+async def test_rescore_reorders_what_render_keeps(client: ToolbusClient) -> None:
+    """After a rescore against a query, the blocks matching it are the ones a tight render keeps."""
+    ctx = client.context
+    session = await ctx.create("agent-rescore", blocks=[
+        turn(BlockType.KNOWLEDGE, "The deploy pipeline runs on Fridays and uses blue green releases.", id="deploy"),
+        turn(BlockType.KNOWLEDGE, "Lunch is served at noon in the cafeteria on the second floor.", id="lunch"),
+        turn(BlockType.MEMORY, "The user prefers concise answers about deploy steps.", id="prefs")])
+    for method in RescoreMethod:
+        change = await ctx.rescore(session.session_id, "deploy pipeline release", method=method)
+        scored = {b.id: b.relevance for b in (await ctx.get(session.session_id)).blocks}
+        assert scored["deploy"] > scored["prefs"] > scored["lunch"] == 0.0, (method, scored)
+        assert change.version == (await ctx.get(session.session_id)).version
+    tight = await ctx.render(session.session_id, budget_tokens=25)
+    assert tight.included == ["deploy"]
+    with pytest.raises(ContextRefused) as stale:
+        await ctx.rescore(session.session_id, "lunch", if_version=0)
+    assert stale.value.reason == "version_conflict"
+
+
+async def test_dedupe_keeps_the_first_copy_with_the_best_relevance(client: ToolbusClient) -> None:
+    """Dedupe removes repeated blocks of the same type (whitespace aside) and raises the survivor's relevance."""
+    ctx = client.context
+    session = await ctx.create("agent-dedupe", blocks=[
+        turn(BlockType.MEMORY, "the  sky is blue", id="a", relevance=0.2),
+        turn(BlockType.MEMORY, "the sky is\nblue", id="b", relevance=0.9),
+        turn(BlockType.KNOWLEDGE, "the sky is blue", id="c")])
+    change = await ctx.dedupe(session.session_id)
+    blocks = {b.id: b for b in (await ctx.get(session.session_id)).blocks}
+    assert change.removed == ["b"] and change.changed == ["a"]
+    assert set(blocks) == {"a", "c"} and blocks["a"].relevance == 0.9
+
+
+async def test_search_finds_sessions_by_agent_user_and_metadata(client: ToolbusClient) -> None:
+    """Search returns exactly the sessions matching every criterion, newest first."""
+    ctx = client.context
+    tag = uuid.uuid4().hex
+    made = [await ctx.create("agent-search", user_id=f"u-{tag}", metadata={"tag": tag, "n": str(n)})
+            for n in range(3)]
+    await ctx.create("agent-search", metadata={"tag": "other"})
+    by_user = await ctx.search(user_id=f"u-{tag}")
+    by_meta = await ctx.search(agent_id="agent-search", metadata={"tag": tag, "n": "1"})
+    assert sorted(s.session_id for s in by_user) == sorted(s.session_id for s in made)
+    assert [s.session_id for s in by_meta] == [made[1].session_id]
+
+
+async def test_every_use_refreshes_the_session_ttl(running: ContextMesh, client: ToolbusClient,
+                                                   redis_server: RedisServer) -> None:
+    """Reading a session sets every key of it back to the configured TTL."""
+    ctx = client.context
+    session = await ctx.create("agent-ttl", blocks=[turn(BlockType.USER, "hi")])
+    redis = Redis.from_url(redis_server.url)
+    keys = [f"{PREFIX}:ctx:s:{session.session_id}:{part}" for part in ("meta", "blocks", "order", "seen")]
+    try:
+        for key in keys:
+            await redis.pexpire(key, 5_000)
+        await ctx.render(session.session_id, budget_tokens=100)
+        ttls = [await redis.pttl(key) for key in keys]
+    finally:
+        await redis.aclose()
+    ttl_ms = running.mesh.config.context.ttl_s * 1000
+    assert all(ttl_ms - 60_000 < ttl <= ttl_ms for ttl in ttls), ttls
+
+
+async def test_bad_requests_get_clear_errors_and_the_store_keeps_answering(
+        running: ContextMesh, client: ToolbusClient) -> None:
+    """Garbage bytes, wrong field types and unknown sessions are refused with a reason; the next request works."""
+    nc = await nats.connect(running.mesh.nats_url)
+    subjects = Subjects(PREFIX)
+    try:
+        garbage = unpack(AppendReply, (await nc.request(subjects.ctx("append"), b"\xc1\xff", timeout=5)).data)
+        wrong = unpack(AppendReply, (await nc.request(
+            subjects.ctx("append"), msgpack.packb({"session_id": 7, "blocks": "no"}), timeout=5)).data)
+    finally:
+        await nc.close()
+    assert garbage.error is not None and garbage.error.code == -32600 and "not msgpack" in garbage.error.message
+    assert wrong.error is not None and wrong.error.reason == "invalid_request" and "session_id" in wrong.error.message
+    with pytest.raises(ContextRefused) as unknown:
+        await client.context.append("no-such-session", [turn(BlockType.USER, "hi")])
+    assert unknown.value.code == -32004
+    assert (await client.context.create("agent-after-garbage")).version == 0
+
+
+async def test_tool_errors_are_filed_with_is_error_and_deleted_sessions_are_skipped(
+        running: ContextMesh, client: ToolbusClient) -> None:
+    """A failing tool's result is filed with is_error=true; a result for a deleted session is dropped, not retried."""
+    ctx = client.context
+    session = await ctx.create("agent-errors")
+    gone = await ctx.create("agent-gone")
+    await ctx.delete(gone.session_id)
+    failed = await client.call("demo__fail", {"message": "boom"}, session=session.session_id)
+    await client.call("demo__echo", {"text": "nobody home"}, session=gone.session_id)
+    filed = await tool_blocks(client, session.session_id, 1)
+    await eventually(lambda: consumer_idle(running.mesh.nats_url), timeout=20)
+    block = next(b for b in filed.blocks if b.type is BlockType.TOOL)
+    assert block.metadata["is_error"] == "true" and block.metadata["call_id"] == failed.call_id
+    assert "boom" in block.content
+    with pytest.raises(ContextRefused):
+        await ctx.get(gone.session_id)
