@@ -35,12 +35,14 @@ from shared.budget_client import BudgetClient
 from shared.client import ToolbusClient
 from shared.config import Config, hash_api_key, parse_config
 from shared.contracts import StatusRequest
+from shared.contracts.context import BlockType, NewBlock
 from shared.mesh import Mesh, audit_key_path
 from shared.outcomes import now_ms
 from shared.subjects import Subjects
 
 DEMO_KEY = "demo-key-not-a-secret"
 INTERN_KEY = "demo-intern-key-not-a-secret"  # a principal with a $0.003 budget, to show refusals
+HANDOFF_BUDGET = 300  # tokens the planner's and the reviewer's renders must fit
 AUDIT_WAIT_S = 60.0  # the audit writer records and checkpoints every event of the demo well within this
 INTERN_CALLS = 5  # at $0.001 each against $0.003: three run, two are refused with -32010
 console = Console()
@@ -73,8 +75,9 @@ def demo(
     for outcome in wrong:
         console.print(f"[red]{outcome.call.tool}: expected {outcome.call.expect}, got {outcome.status}[/red]")
     if not audit_ok:
-        console.print("[red]demo failed: the audit log did not verify[/red]")
-    console.print(f"[green]demo ok: {len(outcomes)} calls, every one ended as expected, audit log verified[/green]"
+        console.print("[red]demo failed: the audit log did not verify, or the context handoff differed[/red]")
+    console.print(f"[green]demo ok: {len(outcomes)} calls, every one ended as expected, context handed off, "
+                  "audit log verified[/green]"
                   if not wrong and audit_ok else f"[red]demo failed: {len(wrong)} calls ended unexpectedly[/red]")
     raise typer.Exit(1 if wrong or not audit_ok else 0)
 
@@ -89,8 +92,9 @@ async def run_demo(rounds: int, concurrency: int) -> tuple[list[Outcome], bool]:
             console.print(f"mesh up: NATS {info.nats_url} · {len(info.services)} service processes")
             outcomes = await run_batch(info.nats_url, plan(repo, rounds), concurrency)
             outcomes += await run_budgeted(info.nats_url)
+            handoff, handoff_ok = await run_handoff(info.nats_url, repo)
             log_key = SigningKey.parse(audit_key_path(mesh.config, mesh.data_dir).read_text()).verifier
-            return outcomes, await verify_audit(info.nats_url, log_key)
+            return outcomes + handoff, await verify_audit(info.nats_url, log_key) and handoff_ok
         finally:
             with console.status("stopping the mesh…"):
                 await mesh.stop()
@@ -180,6 +184,41 @@ async def run_budgeted(nats_url: str) -> list[Outcome]:
     console.print(f"budget: user:intern spent ${Decimal(budget.spent_micros) / 10**6} of "
                   f"${Decimal(budget.limit_micros or 0) / 10**6}; {refused} further calls refused (-32010)")
     return outcomes
+
+
+async def run_handoff(nats_url: str, repo: Path) -> tuple[list[Outcome], bool]:
+    """A planner builds a context session (two real tool results filed into it), hands it to a reviewer."""
+    calls = [PlannedCall("git__git_log", {"repo_path": str(repo), "max_count": 2}, "ok"),
+             PlannedCall("time__get_current_time", {"timezone": "UTC"}, "ok")]
+    async with ToolbusClient(nats_url, DEMO_KEY, timeout_s=60) as client:
+        ctx = client.context
+        session = await ctx.create("planner", user_id="demo", blocks=[
+            NewBlock(type=BlockType.SYSTEM, content="You review the repository's recent history."),
+            NewBlock(type=BlockType.USER, content="What changed in the repo today?")])
+        outcomes = []
+        for planned in calls:
+            started = time.perf_counter()
+            result = await client.call(planned.tool, planned.arguments, session=session.session_id)
+            outcomes.append(Outcome(planned, result.status.value, time.perf_counter() - started))
+        await _until_filed(client, session.session_id, len(calls))
+        reviewer = await ctx.import_package(await ctx.export(session.session_id), "reviewer")
+        mine = await ctx.render(session.session_id, HANDOFF_BUDGET)
+        theirs = await ctx.render(reviewer.session_id, HANDOFF_BUDGET)
+    same = mine.text.encode() == theirs.text.encode()
+    console.print(f"context: {len(reviewer.blocks)} blocks ({reviewer.metrics.total_tokens} tokens, 2 tool results "
+                  f"filed automatically) handed from planner to reviewer; renders "
+                  f"{'identical' if same else 'DIFFERENT'} at a {HANDOFF_BUDGET}-token budget")
+    return outcomes, same
+
+
+async def _until_filed(client: ToolbusClient, session_id: str, tool_results: int) -> None:
+    """Wait (bounded) until the context store has filed the session's tool results: it does so asynchronously."""
+    async with asyncio.timeout(AUDIT_WAIT_S):
+        while True:
+            session = await client.context.get(session_id)
+            if sum(b.type is BlockType.TOOL for b in session.blocks) >= tool_results:
+                return
+            await asyncio.sleep(0.05)
 
 
 def summary_table(outcomes: list[Outcome]) -> Table:
