@@ -164,9 +164,9 @@ class ContextOperations:
             raise VersionConflict(f"session {session_id} is at version {committed.version}, not {if_version}",
                                   session_id=session_id, current_version=committed.version)
         if committed.status == "too_large":
+            why = "automatic pruning is off" if self.config.prune_at is None else "even after pruning"
             raise ContextTooLarge(f"session {session_id} would hold {committed.tokens} tokens, over its capacity "
-                                  "even after pruning every block that may be pruned",
-                                  session_id=session_id, size=committed.tokens)
+                                  f"({why})", session_id=session_id, size=committed.tokens)
         if committed.status == "too_many":
             raise ContextTooLarge(f"session {session_id} would hold {committed.blocks} blocks, over the limit of "
                                   f"{self.config.max_blocks}", session_id=session_id, size=committed.blocks,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -28,6 +29,8 @@ def call(
     api_key: Annotated[str, typer.Option("--key", envvar="TOOLBUS_API_KEY", help="API key.")] = "",
     priority: Annotated[int | None, typer.Option(min=0, max=3, help="0 critical .. 3 low.")] = None,
     timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the result.")] = 60.0,
+    session: Annotated[str | None, typer.Option(help="Context session the result is filed into (a TOOL block).")]
+    = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole JSON-RPC response.")] = False,
     nats_url: NatsUrl = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
@@ -36,7 +39,7 @@ def call(
     arguments = dict(parse_assignment(pair) for pair in assignments or [])
     url, prefix = resolve_bus(nats_url, data_dir)
     try:
-        result = asyncio.run(_call(url, prefix, api_key, tool, arguments, priority, timeout_s))
+        result = asyncio.run(_call(url, prefix, api_key, tool, arguments, CallOptions(priority, timeout_s, session)))
     except ToolbusUnavailable as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(EXIT_ERROR) from None
@@ -47,10 +50,20 @@ def call(
         raise typer.Exit(EXIT_TOOL_ERROR)
 
 
-async def _call(url: str, prefix: str, key: str, tool: str, arguments: dict[str, Any], priority: int | None,
-                timeout_s: float) -> CallResult:
-    async with ToolbusClient(url, key, prefix=prefix, timeout_s=timeout_s) as client:
-        return await client.call(tool, arguments, priority=priority, raise_on_error=False)
+@dataclass(frozen=True)
+class CallOptions:
+    """How `toolbus call` sends one call."""
+
+    priority: int | None
+    timeout_s: float
+    session: str | None
+
+
+async def _call(url: str, prefix: str, key: str, tool: str, arguments: dict[str, Any],
+                options: CallOptions) -> CallResult:
+    async with ToolbusClient(url, key, prefix=prefix, timeout_s=options.timeout_s) as client:
+        return await client.call(tool, arguments, priority=options.priority, session=options.session,
+                                 raise_on_error=False)
 
 
 def _print_result(result: CallResult, as_json: bool) -> None:
