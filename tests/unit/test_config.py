@@ -67,6 +67,7 @@ def test_example_file_loads() -> None:
     assert config.tools["demo__summarize"].model == "demo-extractive-1"
     assert config.models["demo-extractive-1"].output_usd_per_mtok == Decimal("1.5")
     assert config.accounting.hold_ttl_s == 600
+    assert config.context.prune_at == 0.9 and config.context.max_blocks == 5000
     assert set(Config.model_fields) <= set(json.loads(config_to_json(config)))
 
 
@@ -416,3 +417,11 @@ def test_round_trip_property(
     config = parse_config(data, env={})
     assert config_from_json(config_to_json(config), env={}) == config
     assert config.tools["t"].cost_usd == cost
+
+
+def test_context_prune_target_must_be_below_the_trigger() -> None:
+    """A context.prune_to at or above prune_at is a config error naming both values."""
+    with pytest.raises(ConfigError) as error:
+        parse_config({"context": {"prune_at": 0.5, "prune_to": 0.6}})
+    assert "prune_to (0.6) must be below prune_at (0.5)" in str(error.value)
+    assert parse_config({"context": {"prune_at": None, "prune_to": 0.6}}).context.prune_at is None
