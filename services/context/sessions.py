@@ -47,7 +47,7 @@ from shared.contracts.context import (
     SessionReply,
     SessionSummary,
 )
-from shared.errors import ContextTooLarge, InvalidRequest, SessionNotFound, VersionConflict
+from shared.errors import ContextError, ContextTooLarge, InvalidRequest, SessionNotFound, VersionConflict
 from shared.ids import new_call_id
 
 log = structlog.get_logger(__name__)
@@ -101,8 +101,7 @@ class ContextOperations:
     async def _read(self, session_id: str) -> Session:
         session = await self.store.read(session_id, self._limits.ttl_ms)
         if session is None:
-            raise SessionNotFound(f"no context session {session_id} (never created, deleted or expired)",
-                                  session_id=session_id)
+            raise _not_found(session_id)
         return session
 
     # --- append ------------------------------------------------------------------------------
@@ -113,9 +112,13 @@ class ContextOperations:
         committed = await self._commit_new(request.session_id, blocks, request.if_version, origin or Origin())
         prune_at = self.config.prune_at
         if prune_at is not None and committed.metrics.saturation > prune_at:
-            pruned = await self.prune(PruneSession(session_id=request.session_id))
-            return AppendReply(session_id=request.session_id, version=pruned.version, block_ids=committed.added,
-                               skipped=committed.skipped, pruned=pruned.removed, metrics=pruned.metrics)
+            try:
+                pruned = await self.prune(PruneSession(session_id=request.session_id))
+            except ContextError as error:  # the append is stored: report it, the next append prunes again
+                log.warning("ctx.prune_deferred", session_id=request.session_id, reason=error.reason.value)
+            else:
+                return AppendReply(session_id=request.session_id, version=pruned.version, block_ids=committed.added,
+                                   skipped=committed.skipped, pruned=pruned.removed, metrics=pruned.metrics)
         return AppendReply(session_id=request.session_id, version=committed.version, block_ids=committed.added,
                            skipped=committed.skipped, metrics=committed.metrics)
 
@@ -158,8 +161,7 @@ class ContextOperations:
 
     def _raise_for(self, committed: Committed, session_id: str, if_version: int | None) -> None:
         if committed.status == "missing":
-            raise SessionNotFound(f"no context session {session_id} (never created, deleted or expired)",
-                                  session_id=session_id)
+            raise _not_found(session_id)
         if committed.status == "conflict":
             raise VersionConflict(f"session {session_id} is at version {committed.version}, not {if_version}",
                                   session_id=session_id, current_version=committed.version)
@@ -276,7 +278,7 @@ class ContextOperations:
     async def delete(self, request: SessionRef, reason: str = "delete") -> DeleteReply:
         summary = await self.store.delete(request.session_id)
         if summary is None:
-            raise SessionNotFound(f"no context session {request.session_id}", session_id=request.session_id)
+            raise _not_found(request.session_id)
         await self._emit(EventKind.CTX_DELETED, session=request.session_id, detail={
             **_describe(summary), "reason": reason})
         return DeleteReply(deleted=[request.session_id])
@@ -305,6 +307,11 @@ class ContextOperations:
             await self.store.forget_index_entries(stale)
         found.sort(key=lambda s: (-s.updated_ms, s.session_id))
         return SearchReply(sessions=found[: request.limit])
+
+
+def _not_found(session_id: str) -> SessionNotFound:
+    return SessionNotFound(f"no context session {session_id} (never created, deleted or expired)",
+                           session_id=session_id)
 
 
 def _matches(summary: SessionSummary, request: SearchSessions) -> bool:
