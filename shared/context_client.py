@@ -13,12 +13,12 @@ A call made with `session=<id>` has its result appended to that session as a TOO
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from nats.aio.client import Client as NatsClient
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from shared.codec import pack, unpack
 from shared.contracts.context import (
@@ -45,15 +45,27 @@ from shared.contracts.context import (
     SessionReply,
     SessionSummary,
 )
-from shared.errors import ContextRefused
+from shared.errors import ContextRefused, InvalidRequest
 from shared.subjects import Subjects
 
 ReplyT = TypeVar("ReplyT", bound=ContextReply)
+RequestT = TypeVar("RequestT", bound=BaseModel)
 DEFAULT_TIMEOUT_S = 10.0
 
 
 class ContextUnavailable(ConnectionError):
     """No context store answered (none running, or too slow)."""
+
+
+def _request(model: type[RequestT], **fields: Any) -> RequestT:
+    """The request, or `ContextRefused` (-32600 invalid_request) naming the bad field, as the store would."""
+    try:
+        return model(**fields)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "request"
+        refused = InvalidRequest(f"bad {model.__name__} request: {where}: {first['msg']}").error_object()
+        raise ContextRefused(refused["code"], refused["message"], refused["data"]) from None
 
 
 class ContextClient:
@@ -85,58 +97,65 @@ class ContextClient:
                      metadata: dict[str, str] | None = None, max_tokens: int | None = None,
                      blocks: Sequence[NewBlock] = (), trace_id: str | None = None) -> Session:
         """A new session of `agent_id` (with its first blocks, if given)."""
-        return await self._session("create", CreateSession(
+        return await self._session("create", _request(
+            CreateSession,
             agent_id=agent_id, session_id=session_id, user_id=user_id, metadata=metadata or {},
             max_tokens=max_tokens, blocks=list(blocks), trace_id=trace_id))
 
     async def append(self, session_id: str, blocks: Sequence[NewBlock], *, if_version: int | None = None
                      ) -> AppendReply:
         """Append blocks; with `if_version`, a stale version raises `ContextRefused` (`current_version`)."""
-        return await self._ask("append", AppendBlocks(session_id=session_id, blocks=list(blocks),
-                                                      if_version=if_version), AppendReply)
+        request = _request(AppendBlocks, session_id=session_id, blocks=list(blocks), if_version=if_version)
+        return await self._ask("append", request, AppendReply)
 
     async def get(self, session_id: str) -> Session:
-        return await self._session("get", SessionRef(session_id=session_id))
+        """The whole session, blocks in order (refreshes its TTL)."""
+        return await self._session("get", _request(SessionRef, session_id=session_id))
 
     async def render(self, session_id: str, budget_tokens: int, *, recent_share: float | None = None,
                      min_relevance: float | None = None) -> RenderReply:
         """The session formatted into at most `budget_tokens` tokens."""
-        return await self._ask("render", RenderContext(session_id=session_id, budget_tokens=budget_tokens,
-                                                       recent_share=recent_share, min_relevance=min_relevance),
-                               RenderReply)
+        request = _request(RenderContext, session_id=session_id, budget_tokens=budget_tokens,
+                           recent_share=recent_share, min_relevance=min_relevance)
+        return await self._ask("render", request, RenderReply)
 
     async def rescore(self, session_id: str, query: str, *, method: RescoreMethod = RescoreMethod.BM25,
                       if_version: int | None = None) -> ChangeReply:
-        return await self._ask("rescore", RescoreSession(session_id=session_id, query=query, method=method,
-                                                         if_version=if_version), ChangeReply)
+        """Recompute the relevance of every non-SYSTEM block against `query` (docs/context.md has the formulas)."""
+        request = _request(RescoreSession, session_id=session_id, query=query, method=method, if_version=if_version)
+        return await self._ask("rescore", request, ChangeReply)
 
     async def prune(self, session_id: str, target_saturation: float | None = None) -> ChangeReply:
-        return await self._ask("prune", PruneSession(session_id=session_id, target_saturation=target_saturation),
-                               ChangeReply)
+        """Drop the least relevant non-SYSTEM blocks until saturation is at most the target (default prune_to)."""
+        request = _request(PruneSession, session_id=session_id, target_saturation=target_saturation)
+        return await self._ask("prune", request, ChangeReply)
 
     async def dedupe(self, session_id: str) -> ChangeReply:
-        return await self._ask("dedupe", SessionRef(session_id=session_id), ChangeReply)
+        """Remove blocks repeating an earlier block of the same type (whitespace aside)."""
+        return await self._ask("dedupe", _request(SessionRef, session_id=session_id), ChangeReply)
 
     async def export(self, session_id: str) -> SessionPackage:
         """The whole session as a package another agent can import."""
-        package = (await self._ask("export", SessionRef(session_id=session_id), ExportReply)).package
+        package = (await self._ask("export", _request(SessionRef, session_id=session_id), ExportReply)).package
         assert package is not None, "a reply without error carries the package"
         return package
 
     async def import_package(self, package: SessionPackage, agent_id: str, *, session_id: str | None = None
                              ) -> Session:
         """A new session of `agent_id` with every block of `package` (ids and token counts kept)."""
-        return await self._session("import", ImportSession(package=package, agent_id=agent_id,
+        return await self._session("import", _request(ImportSession, package=package, agent_id=agent_id,
                                                            session_id=session_id))
 
     async def delete(self, session_id: str) -> None:
-        await self._ask("delete", SessionRef(session_id=session_id), DeleteReply)
+        """Delete one session (an unknown one is refused with session_not_found)."""
+        await self._ask("delete", _request(SessionRef, session_id=session_id), DeleteReply)
 
     async def forget_user(self, user_id: str) -> list[str]:
         """Delete every session of a user; the ids deleted."""
-        return (await self._ask("forget-user", ForgetUser(user_id=user_id), DeleteReply)).deleted
+        return (await self._ask("forget-user", _request(ForgetUser, user_id=user_id), DeleteReply)).deleted
 
     async def search(self, *, agent_id: str | None = None, user_id: str | None = None,
                      metadata: dict[str, str] | None = None, limit: int = 100) -> list[SessionSummary]:
-        request = SearchSessions(agent_id=agent_id, user_id=user_id, metadata=metadata or {}, limit=limit)
+        """Sessions matching every criterion given, most recently changed first (no blocks)."""
+        request = _request(SearchSessions, agent_id=agent_id, user_id=user_id, metadata=metadata or {}, limit=limit)
         return (await self._ask("search", request, SearchReply)).sessions

@@ -7,7 +7,7 @@ a client's `if_version` is instead answered with the conflict, since only the cl
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ from shared.ids import new_call_id
 log = structlog.get_logger(__name__)
 
 Emit = Callable[..., Awaitable[None]]
+SEARCH_PAGE = 500  # sessions read per round of a search without an agent or user
 RETRIES = 8  # recomputing a read-modify-write that lost a race; each loser's rival made progress
 
 
@@ -286,7 +287,7 @@ class ContextOperations:
     async def forget_user(self, request: ForgetUser) -> DeleteReply:
         """Delete every session of the user; each deletion is an event (ids and counts, never content)."""
         deleted = []
-        for session_id in await self.store.candidates(None, request.user_id, limit=0):
+        for session_id in await self.store.sessions_of("user", request.user_id):
             summary = await self.store.delete(session_id)
             if summary is not None:
                 await self._emit(EventKind.CTX_DELETED, session=session_id, detail={
@@ -296,17 +297,30 @@ class ContextOperations:
         return DeleteReply(deleted=deleted)
 
     async def search(self, request: SearchSessions) -> SearchReply:
-        ids = await self.store.candidates(request.agent_id, request.user_id, request.limit)
-        found, stale = [], []
-        for session_id, summary in zip(ids, await self.store.summaries(ids), strict=True):
-            if summary is None:
-                stale.append((session_id, request.agent_id, request.user_id))
-            elif _matches(summary, request):
-                found.append(summary)
-        if stale:
-            await self.store.forget_index_entries(stale)
+        """Matching sessions, newest first; index entries of expired sessions are dropped on the way."""
+        found: list[SessionSummary] = []
+        async for ids in self._candidates(request):
+            summaries = await self.store.summaries(ids)
+            owners = (request.agent_id, request.user_id)
+            stale = [(sid, *owners) for sid, s in zip(ids, summaries, strict=True) if s is None]
+            if stale:
+                await self.store.forget_index_entries(stale)
+            found += [s for s in summaries if s is not None and _matches(s, request)]
+            if len(found) >= request.limit:
+                break
         found.sort(key=lambda s: (-s.updated_ms, s.session_id))
         return SearchReply(sessions=found[: request.limit])
+
+    async def _candidates(self, request: SearchSessions) -> AsyncIterator[list[str]]:
+        """The narrowest index that applies, or every session newest first, page by page."""
+        if request.user_id is not None or request.agent_id is not None:
+            kind, owner = ("user", request.user_id) if request.user_id is not None else ("agent", request.agent_id)
+            yield await self.store.sessions_of(kind, owner or "")
+            return
+        offset = 0
+        while ids := await self.store.recent(offset, SEARCH_PAGE):
+            yield ids
+            offset += len(ids)
 
 
 def _not_found(session_id: str) -> SessionNotFound:

@@ -15,7 +15,7 @@ a member whose session expired is dropped when a search or forget-user meets it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any, cast
@@ -153,16 +153,14 @@ class SessionStore:
             deleted, *_ = await pipe.execute()
         return summary if deleted else None
 
-    async def candidates(self, agent_id: str | None, user_id: str | None, limit: int) -> list[str]:
-        """Session ids worth looking at for a search: the narrowest index that applies."""
-        members: Iterable[Any]
-        if user_id is not None:
-            members = await self._redis.smembers(self._index("user", user_id))
-        elif agent_id is not None:
-            members = await self._redis.smembers(self._index("agent", agent_id))
-        else:
-            members = cast(list[bytes], await self._redis.zrevrange(self._all, 0, limit * 4 - 1))
-        return sorted(_text(member) for member in members)
+    async def sessions_of(self, kind: str, owner: str) -> list[str]:
+        """Session ids of one agent (`kind` "agent") or user ("user")."""
+        return sorted(_text(member) for member in await self._redis.smembers(self._index(kind, owner)))
+
+    async def recent(self, offset: int, count: int) -> list[str]:
+        """Session ids by last change, newest first: `count` of them from `offset`."""
+        members = cast(list[bytes], await self._redis.zrevrange(self._all, offset, offset + count - 1))
+        return [_text(member) for member in members]
 
     async def forget_index_entries(self, stale: Sequence[tuple[str, str | None, str | None]]) -> None:
         """Drop index members (session id, agent, user) whose session expired."""

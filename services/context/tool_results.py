@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+from pydantic import ValidationError
 
 from services.context.sessions import ContextOperations, Origin
 from shared.codec import unpack
@@ -54,8 +55,12 @@ class ToolResults:
         if block is None:
             return
         try:
-            await self._ops.append(AppendBlocks(session_id=event.session, blocks=[block]),
-                                   Origin(call_id=event.call_id, tool=event.tool, principal=event.principal))
+            request = AppendBlocks(session_id=event.session, blocks=[block])
+        except ValidationError:  # the router refuses such ids; an event from elsewhere may still carry one
+            log.warning("ctx.tool_result_dropped", call_id=event.call_id, reason="invalid_session_id")
+            return
+        try:
+            await self._ops.append(request, Origin(call_id=event.call_id, tool=event.tool, principal=event.principal))
         except (SessionNotFound, ContextTooLarge) as refused:
             log.warning("ctx.tool_result_dropped", call_id=event.call_id, session=event.session,
                         reason=refused.reason.value, message=refused.message)

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from shared.config import LimitsConfig
 from shared.contracts import ToolCallRequest, ToolSpec
+from shared.contracts.context import SESSION_ID_PATTERN
 from shared.errors import InvalidArguments, InvalidRequest, ParseError
 from shared.subjects import Header
 
@@ -23,6 +24,7 @@ from shared.subjects import Header
 ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}", re.IGNORECASE)
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 SUBJECT = re.compile(r"[^\s*>]+")
+SESSION_ID = re.compile(SESSION_ID_PATTERN.removeprefix("^").removesuffix("$"))
 EPOCH_MS = re.compile(r"[0-9]{1,16}")  # ASCII only: str.isdigit() accepts superscripts and other scripts' digits
 DEFAULT_PRIORITY = 2
 
@@ -56,8 +58,15 @@ def parse_headers(headers: Mapping[str, str], call_id: str) -> IngressHeaders:
         priority=_priority(headers.get(Header.PRIORITY)),
         deadline_ms=_deadline(headers.get(Header.DEADLINE)),
         reply_to=_reply_to(headers.get(Header.REPLY_TO)),
-        session=headers.get(Header.SESSION) or None,
+        session=_session(headers.get(Header.SESSION)),
     )
+
+
+def _session(raw: str | None) -> str | None:
+    """A context session id the context store accepts (checked at ingress, so no call carries one it refuses)."""
+    if raw and not SESSION_ID.fullmatch(raw):
+        raise InvalidRequest(f"{Header.SESSION} must be a session id ({SESSION_ID.pattern}), got {raw[:80]!r}")
+    return raw or None
 
 
 def _priority(raw: str | None) -> int:

@@ -136,7 +136,7 @@ class AppendBlocks(BaseModel):
 
     model_config = _FROZEN
 
-    session_id: str
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
     blocks: list[NewBlock] = Field(min_length=1)
     if_version: int | None = Field(default=None, ge=0)
 
@@ -146,7 +146,7 @@ class SessionRef(BaseModel):
 
     model_config = _FROZEN
 
-    session_id: str
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
 
 
 class RenderContext(BaseModel):
@@ -154,7 +154,7 @@ class RenderContext(BaseModel):
 
     model_config = _FROZEN
 
-    session_id: str
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
     budget_tokens: int = Field(ge=1)
     recent_share: float | None = Field(default=None, gt=0, le=1, description="Default: context.recent_share.")
     min_relevance: float | None = Field(default=None, ge=0, le=1, description="Default: context.min_relevance.")
@@ -165,7 +165,7 @@ class RescoreSession(BaseModel):
 
     model_config = _FROZEN
 
-    session_id: str
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
     query: str = Field(min_length=1, max_length=10_000)
     method: RescoreMethod = RescoreMethod.BM25
     if_version: int | None = Field(default=None, ge=0)
@@ -176,7 +176,7 @@ class PruneSession(BaseModel):
 
     model_config = _FROZEN
 
-    session_id: str
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
     target_saturation: float | None = Field(default=None, ge=0, le=1, description="Default: context.prune_to.")
 
 
@@ -280,7 +280,7 @@ class ExportReply(ContextReply):
 
 
 class DeleteReply(ContextReply):
-    """The sessions deleted (none when the session did not exist)."""
+    """The sessions deleted (`delete` of an unknown session is refused; `forget-user` may delete none)."""
 
     deleted: list[str] = Field(default_factory=list)
 

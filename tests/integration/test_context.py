@@ -413,3 +413,16 @@ async def test_tool_errors_are_filed_with_is_error_and_deleted_sessions_are_skip
     assert "boom" in block.content
     with pytest.raises(ContextRefused):
         await ctx.get(gone.session_id)
+
+
+async def test_search_by_metadata_alone_looks_past_the_newest_sessions(client: ToolbusClient) -> None:
+    """A metadata-only search finds a match older than many newer sessions, and bad ids are refused client-side."""
+    ctx = client.context
+    tag = uuid.uuid4().hex
+    wanted = await ctx.create("agent-old", metadata={"rare": tag})
+    for n in range(12):
+        await ctx.create("agent-new", metadata={"n": str(n)})
+    assert [s.session_id for s in await ctx.search(metadata={"rare": tag}, limit=1)] == [wanted.session_id]
+    with pytest.raises(ContextRefused) as bad:
+        await ctx.get("../not an id")
+    assert bad.value.code == -32600 and "session_id" in bad.value.message

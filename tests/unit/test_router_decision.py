@@ -171,10 +171,12 @@ def test_invalid_request_keeps_the_readable_request_id(table: RoutingTable) -> N
         (CALL_ID, {Header.PRIORITY: "9"}),
         (CALL_ID, {Header.DEADLINE: "tomorrow"}),
         (CALL_ID, {Header.REPLY_TO: "reply.*"}),
+        (CALL_ID, {Header.SESSION: "../../etc"}),
+        (CALL_ID, {Header.SESSION: "s" * 129}),
     ],
 )
 def test_malformed_headers_are_invalid_requests(table: RoutingTable, call_id: str, extra: dict[str, str]) -> None:
-    """A bad call id, priority, deadline or reply-to is `invalid_request`, decided before authentication."""
+    """A bad call id, priority, deadline, reply-to or session is `invalid_request`, decided before authentication."""
     decision = table.decide(headers(**extra), body(), call_id)
     refused(decision, InvalidRequest)
     assert decision.principal is None

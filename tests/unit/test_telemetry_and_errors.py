@@ -198,11 +198,10 @@ def test_backend_error_keeps_the_backend_code() -> None:
 
 
 def concrete_errors() -> list[type[ToolbusError]]:
-    """Every error class defined in shared.errors that a call can end with (bases excluded)."""
-    return [
-        cls for cls in vars(errors).values()
-        if isinstance(cls, type) and issubclass(cls, ToolbusError) and cls not in (ToolbusError, CallRefused)
-    ]
+    """Every error class defined in shared.errors that a call or a context request can end with (bases excluded)."""
+    bases = (ToolbusError, CallRefused, errors.ContextError)
+    return [cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, ToolbusError)
+            and cls not in bases]
 
 
 def test_errors_by_code_codes_are_unique() -> None:
