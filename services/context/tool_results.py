@@ -114,5 +114,7 @@ def truncate(text: str, limit_bytes: int) -> str:
     if len(raw) <= limit_bytes:
         return text
     marker_room = len(TRUNCATED.format(dropped=len(raw)).encode())
-    kept = raw[: max(limit_bytes - marker_room, 0)].decode(errors="ignore")
+    if marker_room > limit_bytes:  # no room to say it was cut: cut anyway, the limit wins
+        return raw[:limit_bytes].decode(errors="ignore")
+    kept = raw[: limit_bytes - marker_room].decode(errors="ignore")
     return kept + TRUNCATED.format(dropped=len(raw) - len(kept.encode()))
