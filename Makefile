@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.pools
 	$(BIN)/python -m bench.budget
 	$(BIN)/python -m bench.audit
+	$(BIN)/python -m bench.context
 
 clean:
 	rm -rf $(VENV) .toolbus .mypy_cache .ruff_cache
