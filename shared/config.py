@@ -517,6 +517,8 @@ class ContextConfig(BaseModel):
                                  description="Render: TOOL/MEMORY/KNOWLEDGE below it are left out.")
     max_block_bytes: int = Field(default=256 * 1024, ge=1, description="UTF-8 size of one block's content, max.")
     max_blocks: int = Field(default=5000, ge=1, description="Blocks in one session, max.")
+    max_session_bytes: int = Field(default=768 * 1024, ge=1024, description="Stored size of one session, max; "
+                                   "below NATS max_payload (1 MiB), so a get or export fits one reply.")
 
     @model_validator(mode="after")
     def _check_prune_range(self) -> ContextConfig:

@@ -52,7 +52,7 @@ from shared.contracts.context import (
     SessionRef,
     SessionReply,
 )
-from shared.errors import InternalError, InvalidRequest, ToolbusError
+from shared.errors import ContextTooLarge, InternalError, InvalidRequest, ToolbusError
 from shared.outcomes import Outcomes, now_ms
 from shared.redis_client import redis_client
 from shared.registry import Registry
@@ -181,11 +181,24 @@ class ContextService:
     async def _answer(self, name: str, verb: Verb, msg: Msg) -> None:
         started = time.perf_counter()
         reply = await self._reply(name, verb, msg.data)
+        packed = pack(reply)
+        if msg.reply and len(packed) > self._max_payload:
+            reply = _refusal(verb, ContextTooLarge(
+                f"the {name} reply is {len(packed)} bytes, over NATS max_payload ({self._max_payload}); render the "
+                "session, or lower context.max_session_bytes", size=len(packed), limit=self._max_payload))
+            packed = pack(reply)
         OPS.labels(name, reply.error.reason if reply.error else "ok").inc()
         OP_SECONDS.labels(name).observe(time.perf_counter() - started)
         if msg.reply:
-            with contextlib.suppress(Exception):
-                await msg.respond(pack(reply))
+            try:
+                await msg.respond(packed)
+            except Exception as error:  # noqa: BLE001  # the asker is gone or NATS is away: nothing to answer
+                log.warning("ctx.reply_failed", verb=name, error=repr(error))
+
+    @property
+    def _max_payload(self) -> int:
+        assert self._nc is not None
+        return int(self._nc.max_payload)
 
     async def _reply(self, name: str, verb: Verb, data: bytes) -> ContextReply:
         try:

@@ -77,7 +77,8 @@ class ContextOperations:
 
     @property
     def _limits(self) -> Limits:
-        return Limits(ttl_ms=int(self.config.ttl_s * 1000), max_blocks=self.config.max_blocks)
+        return Limits(ttl_ms=int(self.config.ttl_s * 1000), max_blocks=self.config.max_blocks,
+                      max_bytes=self.config.max_session_bytes)
 
     # --- create, read ------------------------------------------------------------------------
 
@@ -170,6 +171,11 @@ class ContextOperations:
             why = "automatic pruning is off" if self.config.prune_at is None else "even after pruning"
             raise ContextTooLarge(f"session {session_id} would hold {committed.tokens} tokens, over its capacity "
                                   f"({why})", session_id=session_id, size=committed.tokens)
+        if committed.status == "too_big":
+            limit = self.config.max_session_bytes
+            raise ContextTooLarge(f"session {session_id} would store {committed.stored_bytes} bytes, over the limit of "
+                                  f"{limit} (a get or export must fit one NATS message)", session_id=session_id,
+                                  size=committed.stored_bytes, limit=limit)
         if committed.status == "too_many":
             raise ContextTooLarge(f"session {session_id} would hold {committed.blocks} blocks, over the limit of "
                                   f"{self.config.max_blocks}", session_id=session_id, size=committed.blocks,
@@ -259,8 +265,12 @@ class ContextOperations:
         assert created.session is not None
         session_id = created.session.session_id
         limits = Limits(ttl_ms=self._limits.ttl_ms, max_blocks=max(self.config.max_blocks, len(blocks)),
-                        enforce_capacity=False)
-        self._raise_for(await self._commit(session_id, Change(add=blocks), 0, limits), session_id, 0)
+                        max_bytes=self.config.max_session_bytes, enforce_capacity=False)
+        try:
+            self._raise_for(await self._commit(session_id, Change(add=blocks), 0, limits), session_id, 0)
+        except ContextError:
+            await self.store.delete(session_id)  # no half-imported session is left behind
+            raise
         session = await self._read(session_id)
         await self._emit(EventKind.CTX_IMPORTED, session=session_id, detail={
             **_describe(session), "from_session": source.session_id, "from_agent": source.agent_id})

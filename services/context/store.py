@@ -47,12 +47,13 @@ class Limits:
 
     ttl_ms: int
     max_blocks: int
+    max_bytes: int  # stored blocks, so a whole session fits one NATS reply
     enforce_capacity: bool = True  # an import keeps every block even above this mesh's capacity
 
 
 @dataclass(frozen=True)
 class Committed:
-    """A commit's outcome: `status` ok, missing, conflict, too_large (tokens) or too_many (blocks)."""
+    """A commit's outcome: `status` ok, missing, conflict, too_large (tokens), too_many (blocks) or too_big (bytes)."""
 
     status: str
     version: int = 0
@@ -61,6 +62,7 @@ class Committed:
     added: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     metrics: SessionMetrics = field(default_factory=SessionMetrics)  # after the commit (status ok)
+    stored_bytes: int = 0  # the session's stored size (status too_big)
 
 
 class SessionStore:
@@ -107,6 +109,7 @@ class SessionStore:
         spec = {
             "session_id": session_id, "expected": "" if expected is None else str(expected), "now": now_ms,
             "ttl_ms": limits.ttl_ms, "cap": int(limits.enforce_capacity), "max_blocks": limits.max_blocks,
+            "max_bytes": limits.max_bytes,
             "delete": list(change.delete),
             "put": [{"mode": mode, "id": b.id, "tokens": b.token_count, "type": b.type.value} for mode, b in puts],
             "types": [kind.value for kind in BlockType],
@@ -213,6 +216,8 @@ def _committed(reply: list[Any]) -> Committed:
         return Committed(status, version=numbers[0], tokens=numbers[1])
     if status == "too_many":
         return Committed(status, version=numbers[0], blocks=numbers[1])
+    if status == "too_big":
+        return Committed(status, version=numbers[0], stored_bytes=numbers[1])
     return Committed(status, version=numbers[0] if numbers else 0)  # conflict (current version) or missing
 
 

@@ -56,7 +56,8 @@ async def running(git_repo: Path, nats_server: NatsServer, redis_server: RedisSe
     key_path = tmp_path_factory.mktemp("audit") / "log.key"
     write_key_pair(key, key_path)
     config = make_config(git_repo, prefix=PREFIX, audit={"checkpoint_every": 200, "checkpoint_interval_s": 0.3},
-                         context={"max_tokens": 4000, "max_block_bytes": 20_000, "max_blocks": 200})
+                         context={"max_tokens": 4000, "max_block_bytes": 20_000, "max_blocks": 200,
+                                  "max_session_bytes": 60_000})
     async with InProcessMesh(nats_server.url, config, redis_server.url, audit_key=key_path, context=True) as mesh:
         yield ContextMesh(mesh, key)
 
@@ -284,10 +285,17 @@ async def test_limits_refuse_with_the_limit_and_size_named(client: ToolbusClient
     with pytest.raises(ContextRefused) as many:
         await ctx.append(session.session_id, [turn(BlockType.USER, f"t{n}") for n in range(200)])
     assert many.value.reason == "context_too_large" and many.value.data["size"] == 201
+    roomy = await ctx.create("agent-bytes", max_tokens=10**6)
+    with pytest.raises(ContextRefused) as heavy:  # 3 blocks of ~19 kB fit 60 kB, the 4th would not
+        for n in range(4):
+            await ctx.append(roomy.session_id, [turn(BlockType.KNOWLEDGE, f"{n} " + "z " * 9_500)])
+    assert heavy.value.reason == "context_too_large" and heavy.value.data["limit"] == 60_000
+    assert heavy.value.data["size"] > 60_000 and "NATS message" in heavy.value.message
     with pytest.raises(ContextRefused) as small:
         await ctx.render(session.session_id, budget_tokens=10)
     assert small.value.reason == "context_too_large" and small.value.data["limit"] == 10
     assert (await ctx.get(session.session_id)).version == session.version, "refusals change nothing"
+    assert (await ctx.get(roomy.session_id)).version == 3
 
 
 async def test_capacity_held_by_system_blocks_refuses_without_pruning(client: ToolbusClient) -> None:
