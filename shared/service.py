@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared.subjects import DEFAULT_PREFIX
@@ -35,6 +37,35 @@ class Service(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+class BackgroundTasks:
+    """The tasks a service starts beside its main work (watches, timers, request answers), stopped together."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Cancel every task and wait (bounded) for them to end."""
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout_s)
+
+
+async def serve_requests(nc: NatsClient, subject: str, queue: str, tasks: BackgroundTasks,
+                         answer: Callable[[Msg], Awaitable[None]]) -> None:
+    """Answer core-NATS requests on `subject` (queue group `queue`), each in its own task, not one at a time."""
+
+    async def on_request(msg: Msg) -> None:
+        tasks.spawn(answer(msg))
+
+    await nc.subscribe(subject, queue=queue, cb=on_request)
 
 
 @dataclass(frozen=True)

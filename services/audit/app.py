@@ -11,14 +11,12 @@ is redelivered (to this writer when it returns, or to another replica) and its `
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import structlog
 from nats.aio.client import Client as NatsClient
@@ -37,6 +35,7 @@ from shared.contracts import Event
 from shared.contracts.audit import Activity, AuditActor, AuditEvent, AuditResource, Outcome
 from shared.outcomes import now_ms
 from shared.registry import Registry
+from shared.service import BackgroundTasks
 from shared.subjects import DEFAULT_PREFIX, Stream, Subjects, audit_durable
 
 log = structlog.get_logger(__name__)
@@ -85,7 +84,7 @@ class AuditService:
         self.writer: ChainWriter | None = None
         self.checkpointer: Checkpointer | None = None
         self._consumer: PullConsumer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks()
         self._ready = False
 
     @property
@@ -109,7 +108,7 @@ class AuditService:
             Path(config.audit.witness_file) if config.audit.witness_file else None), clock=self._settings.clock)
         await self.checkpointer.start()
         await self._consume(config.audit.log_id)
-        self._spawn(registry.watch(lambda _tool: None, self._on_config))
+        self._tasks.spawn(registry.watch(lambda _tool: None, self._on_config))
         self._ready = True
 
     async def _consume(self, log_id: str) -> None:
@@ -131,10 +130,7 @@ class AuditService:
             await self._consumer.stop(drain_timeout=STOP_TASKS_S)
         if self.checkpointer is not None:
             await self.checkpointer.stop()
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=STOP_TASKS_S)
+        await self._tasks.stop(STOP_TASKS_S)
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()
@@ -165,7 +161,3 @@ class AuditService:
     def _on_config(self, config: Config) -> None:
         self._config = config
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 from nats.aio.client import Client as NatsClient
@@ -51,6 +52,7 @@ from shared.contracts import (
 from shared.outcomes import Outcomes, now_ms
 from shared.redis_client import redis_client
 from shared.registry import BUDGET_EPOCH_KEY, Registry
+from shared.service import BackgroundTasks, serve_requests
 from shared.subjects import DEFAULT_PREFIX, REGISTRY_BUCKET, Subjects
 
 log = structlog.get_logger(__name__)
@@ -89,7 +91,7 @@ class BudgetService:
         self._kv: KeyValue | None = None
         self.ops: BudgetOperations | None = None
         self._outcomes: Outcomes | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks()
         self._rebuilding = asyncio.Lock()
         self._ready = False
 
@@ -116,10 +118,11 @@ class BudgetService:
             "status": self._status, "set": self._set_limit, "rebuild": self._rebuild,
         }
         for verb, handler in handlers.items():
-            await self._nc.subscribe(self._subjects.budget(verb), queue=QUEUE, cb=self._responder(verb, handler))
-        self._spawn(self._every(REAP_EVERY_S, self._reap))
-        self._spawn(self._every(EPOCH_CHECK_EVERY_S, self._recheck_epoch))
-        self._spawn(registry.watch(_ignore_tool, self._on_config, self._on_budget_limits))
+            await serve_requests(self._nc, self._subjects.budget(verb), QUEUE, self._tasks,
+                                 partial(self._answer, verb, handler))
+        self._tasks.spawn(self._every(REAP_EVERY_S, self._reap))
+        self._tasks.spawn(self._every(EPOCH_CHECK_EVERY_S, self._recheck_epoch))
+        self._tasks.spawn(registry.watch(_ignore_tool, self._on_config, self._on_budget_limits))
         self._ready = True
 
     async def stop(self) -> None:
@@ -128,20 +131,11 @@ class BudgetService:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()  # unsubscribes, then waits for the callbacks in flight
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=STOP_TASKS_S)
+        await self._tasks.stop(STOP_TASKS_S)
         if self._redis is not None:
             await self._redis.aclose()
 
     # --- request handling --------------------------------------------------------------------
-
-    def _responder(self, verb: str, handler: Handler) -> Callable[[Msg], Awaitable[None]]:
-        async def respond(msg: Msg) -> None:
-            self._spawn(self._answer(verb, handler, msg))  # answer concurrently, not one at a time
-
-        return respond
 
     async def _answer(self, verb: str, handler: Handler, msg: Msg) -> None:
         started = time.perf_counter()
@@ -270,10 +264,6 @@ class BudgetService:
                 log.warning("budget.background_failed", work=work.__name__, error=repr(error))
             await asyncio.sleep(seconds)
 
-    def _spawn(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 def _ignore_tool(_spec: ToolSpec) -> None:

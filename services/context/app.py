@@ -10,12 +10,12 @@ shared/errors.py); an unexpected failure with an internal error carrying only a 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
@@ -56,6 +56,7 @@ from shared.errors import ContextTooLarge, InternalError, InvalidRequest, Toolbu
 from shared.outcomes import Outcomes, now_ms
 from shared.redis_client import redis_client
 from shared.registry import Registry
+from shared.service import BackgroundTasks, serve_requests
 from shared.subjects import CONTEXT_DURABLE, DEFAULT_PREFIX, Stream, Subjects
 
 log = structlog.get_logger(__name__)
@@ -100,7 +101,7 @@ class ContextService:
         self._redis: Redis | None = None
         self.ops: ContextOperations | None = None
         self._consumer: PullConsumer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks()
         self._ready = False
 
     @property
@@ -119,9 +120,10 @@ class ContextService:
         self.ops = ops = ContextOperations(SessionStore(self._redis, config.prefix), config.context, outcomes.emit,
                                            self._settings.clock)
         for name, verb in self._verbs(ops).items():
-            await self._nc.subscribe(self._subjects.ctx(name), queue=QUEUE, cb=self._responder(name, verb))
+            await serve_requests(self._nc, self._subjects.ctx(name), QUEUE, self._tasks,
+                                 partial(self._answer, name, verb))
         await self._follow_results(ToolResults(js, self._subjects, ops))
-        self._spawn(registry.watch(lambda _tool: None, self._on_config))
+        self._tasks.spawn(registry.watch(lambda _tool: None, self._on_config))
         self._ready = True
 
     @staticmethod
@@ -163,20 +165,11 @@ class ContextService:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=STOP_TASKS_S)
+        await self._tasks.stop(STOP_TASKS_S)
         if self._redis is not None:
             await self._redis.aclose()
 
     # --- request handling --------------------------------------------------------------------
-
-    def _responder(self, name: str, verb: Verb) -> Callable[[Msg], Awaitable[None]]:
-        async def respond(msg: Msg) -> None:
-            self._spawn(self._answer(name, verb, msg))  # answer concurrently, not one at a time
-
-        return respond
 
     async def _answer(self, name: str, verb: Verb, msg: Msg) -> None:
         started = time.perf_counter()
@@ -221,11 +214,6 @@ class ContextService:
     def _on_config(self, config: Config) -> None:
         if self.ops is not None:
             self.ops.config = config.context
-
-    def _spawn(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 def _refusal(verb: Verb, error: ToolbusError) -> ContextReply:
