@@ -76,7 +76,9 @@ WORDS = _PROSE.split()
 
 
 def bench_config() -> Config:
-    return parse_config({"context": {"max_tokens": 10_000_000, "prune_at": None}}, source="<bench>")
+    # 1,000 blocks of this mix store ~780 KB: just over the default 768 KiB cap, well under NATS's 1 MiB
+    return parse_config({"context": {"max_tokens": 10_000_000, "prune_at": None, "max_session_bytes": 1_000_000}},
+                        source="<bench>")
 
 
 class BlockFactory:
@@ -235,7 +237,8 @@ async def append_breakdown(ops: ContextOperations, redis_url: str, factory: Bloc
                            ) -> dict[str, Any]:
     """Where one append spends its time, without the bus (the session grows by 2 x rounds blocks)."""
     redis = redis_client(redis_url, decode=False)
-    limits = Limits(ttl_ms=int(ops.config.ttl_s * 1000), max_blocks=ops.config.max_blocks)
+    limits = Limits(ttl_ms=int(ops.config.ttl_s * 1000), max_blocks=ops.config.max_blocks,
+                    max_bytes=ops.config.max_session_bytes)
     steps = Steps()
     try:
         await redis.config_resetstat()
