@@ -286,9 +286,10 @@ async def test_limits_refuse_with_the_limit_and_size_named(client: ToolbusClient
         await ctx.append(session.session_id, [turn(BlockType.USER, f"t{n}") for n in range(200)])
     assert many.value.reason == "context_too_large" and many.value.data["size"] == 201
     roomy = await ctx.create("agent-bytes", max_tokens=10**6)
-    with pytest.raises(ContextRefused) as heavy:  # 3 blocks of ~19 kB fit 60 kB, the 4th would not
-        for n in range(4):
-            await ctx.append(roomy.session_id, [turn(BlockType.KNOWLEDGE, f"{n} " + "z " * 9_500)])
+    for n in range(3):  # 3 blocks of ~19 kB fit 60 kB, the 4th would not
+        await ctx.append(roomy.session_id, [turn(BlockType.KNOWLEDGE, f"{n} " + "z " * 9_500)])
+    with pytest.raises(ContextRefused) as heavy:
+        await ctx.append(roomy.session_id, [turn(BlockType.KNOWLEDGE, "3 " + "z " * 9_500)])
     assert heavy.value.reason == "context_too_large" and heavy.value.data["limit"] == 60_000
     assert heavy.value.data["size"] > 60_000 and "NATS message" in heavy.value.message
     with pytest.raises(ContextRefused) as small:
