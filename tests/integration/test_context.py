@@ -435,3 +435,21 @@ async def test_search_by_metadata_alone_looks_past_the_newest_sessions(client: T
     with pytest.raises(ContextRefused) as bad:
         await ctx.get("../not an id")
     assert bad.value.code == -32600 and "session_id" in bad.value.message
+
+
+async def test_export_and_import_are_announced_without_content(running: ContextMesh, client: ToolbusClient) -> None:
+    """Export and import each emit an event naming the sessions and their sizes, never their text."""
+    ctx = client.context
+    secret = f"handoff-secret-{uuid.uuid4().hex}"
+    session = await ctx.create("agent-x", user_id="evt-user", blocks=[turn(BlockType.USER, secret)])
+    exported = await EventWatch.start(running.mesh.nats_url, EventKind.CTX_EXPORTED)
+    imported = await EventWatch.start(running.mesh.nats_url, EventKind.CTX_IMPORTED)
+    try:
+        copy = await ctx.import_package(await ctx.export(session.session_id), "agent-y")
+        await eventually(lambda: asyncio.sleep(0, bool(exported.seen and imported.seen)))
+    finally:
+        [out], [into] = await exported.stop(), await imported.stop()
+    assert out.session == session.session_id and out.detail["blocks"] == 1 and out.detail["user"] == "evt-user"
+    assert into.session == copy.session_id and into.detail["from_session"] == session.session_id
+    assert into.detail["agent_id"] == "agent-y" and into.detail["from_agent"] == "agent-x"
+    assert secret not in repr(out) + repr(into)
