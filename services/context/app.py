@@ -86,6 +86,7 @@ class ContextSettings:
     instance: str = "context"
     redis_url: str = "redis://127.0.0.1:6379/0"
     max_in_flight: int = 64  # tool-result events handled at once
+    ack_wait_s: float = 10.0  # an event a dead replica held goes to another after this (filing one takes ms)
     clock: Callable[[], int] = field(default=now_ms)
 
 
@@ -147,7 +148,8 @@ class ContextService:
         assert self._nc is not None
         await ensure_consumer(self._nc.jetstream(), Stream.EVENTS, ConsumerConfig(
             durable_name=CONTEXT_DURABLE, filter_subjects=results.filter_subjects(),
-            deliver_policy=DeliverPolicy.ALL, ack_wait=30, max_ack_pending=4 * self._settings.max_in_flight))
+            deliver_policy=DeliverPolicy.ALL, ack_wait=self._settings.ack_wait_s,
+            max_ack_pending=4 * self._settings.max_in_flight))
 
         async def file_result(msg: Msg) -> None:
             await results.record(msg.data)  # raising NAKs it: Redis or NATS away, try again
