@@ -160,13 +160,14 @@ def toolbus(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 
 
 @contextlib.contextmanager
-def toolbus_up(root: Path, config: Mapping[str, object]) -> Iterator[tuple[Path, dict[str, object]]]:
+def toolbus_up(root: Path, config: Mapping[str, object], env: Mapping[str, str] | None = None
+               ) -> Iterator[tuple[Path, dict[str, object]]]:
     """`toolbus up` in a subprocess on `config`; yields (data dir, runtime.json); SIGTERM must stop it cleanly."""
     (root / "toolbus.yaml").write_text(yaml.safe_dump(dict(config)))
     data_dir, output = root / "data", root / "up.log"
     with output.open("w") as log_file:
         up = subprocess.Popen([*TOOLBUS, "up", "--config", str(root / "toolbus.yaml"), "--data-dir", str(data_dir)],
-                              stdout=log_file, stderr=log_file)
+                              stdout=log_file, stderr=log_file, env={**os.environ, **(env or {})})
     runtime = data_dir / "runtime.json"
     deadline = time.monotonic() + 90
     while not runtime.exists():

@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import os
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -147,12 +150,27 @@ class Backend:
             return load_app(config.app)
         if config.command is not None:
             return StdioServerParameters(
-                command=config.command, args=config.args, env=config.env or None, cwd=config.cwd
+                command=resolve_command(config.command), args=config.args, env=config.env or None, cwd=config.cwd
             )
         assert config.url is not None
         timeout = httpx2.Timeout(30.0, read=300.0)
         http = await stack.enter_async_context(httpx2.AsyncClient(headers=config.headers, timeout=timeout))
         return streamable_http_client(config.url, http_client=http)
+
+
+def resolve_command(command: str) -> str:
+    """The program a server's `command` names, preferring the environment toolbus runs in.
+
+    `python` means this interpreter, and a bare name installed beside it (`mcp-server-git` in
+    the venv's bin/) wins over PATH: `make up` runs `.venv/bin/toolbus` without activating the
+    venv, and the system's python or PATH would start servers without their packages.
+    """
+    if os.sep in command:
+        return command
+    if command in ("python", "python3", Path(sys.executable).name):
+        return sys.executable
+    beside = Path(sys.executable).parent / command
+    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else command
 
 
 def load_app(import_path: str) -> MCPServer:

@@ -19,13 +19,19 @@ pytestmark = [pytest.mark.e2e]
 
 @pytest.fixture(scope="module")
 def running_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, object]]]:
-    """`toolbus up` in a subprocess with a demo-only config; yields (data dir, runtime.json)."""
+    """`toolbus up` in a subprocess, servers named by bare commands as in toolbus.yaml; yields (data dir, runtime.json).
+
+    PATH leaves out this venv, as when `make up` runs `.venv/bin/toolbus` in a plain shell.
+    """
     config = {
-        "servers": {"demo": {"command": sys.executable, "args": ["-m", "services.demo_tools"]}},
+        "servers": {"demo": {"command": "python", "args": ["-m", "services.demo_tools"]},
+                    "time": {"command": "mcp-server-time", "args": ["--local-timezone", "UTC"]}},
         "principals": [{"name": "admin", "key_sha256": hash_api_key(ADMIN_KEY), "roles": ["admin"]}],
         "roles": {"admin": {"allow": ["*"]}},
     }
-    with toolbus_up(tmp_path_factory.mktemp("up"), config) as running:
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    with toolbus_up(tmp_path_factory.mktemp("up"), config, env={"PATH": path}) as running:
         yield running
 
 
@@ -62,6 +68,16 @@ def test_call_prints_the_result(running_mesh: tuple[Path, dict[str, object]]) ->
     called = toolbus("call", "demo__echo", "text=hello cli", "--data-dir", str(data_dir), env=env)
     assert called.returncode == 0, called.stderr
     assert json.loads(called.stdout) == {"result": "hello cli"}
+
+
+def test_servers_named_by_bare_commands_run_in_toolbus_own_environment(
+        running_mesh: tuple[Path, dict[str, object]]) -> None:
+    """`python` and `mcp-server-time` resolve to this venv's interpreter and script even off PATH."""
+    data_dir, _ = running_mesh
+    called = toolbus("call", "time__get_current_time", "timezone=UTC", "--data-dir", str(data_dir),
+                     env={"TOOLBUS_API_KEY": ADMIN_KEY})
+    assert called.returncode == 0, called.stdout + called.stderr
+    assert json.loads(called.stdout)["timezone"] == "UTC"
 
 
 def test_call_exit_codes_tell_errors_apart(running_mesh: tuple[Path, dict[str, object]]) -> None:

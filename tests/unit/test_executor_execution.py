@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 from mcp_types import CallToolResult
 
 from services.executor import execution
+from services.executor.backends import resolve_command
 from services.executor.execution import backoff_delay, mcp_result, remaining_s, success_response, time_budget_s
 from shared.config import BackoffConfig
 from shared.contracts import CallStatus, ToolCallResponse, WorkItem
@@ -228,3 +231,12 @@ def test_budget_never_exceeds_either_limit(offset_ms: int, pool_timeout_s: float
     assert 0 <= budget <= pool_timeout_s
     assert budget <= max(offset_ms / 1000, 0) or not by_deadline
     assert by_deadline == (offset_ms / 1000 < pool_timeout_s)
+
+
+def test_server_commands_resolve_to_the_environment_toolbus_runs_in() -> None:
+    """`python` is this interpreter, a program installed beside it wins over PATH, paths and unknowns stay."""
+    here = Path(sys.executable).parent
+    assert resolve_command("python") == sys.executable
+    assert resolve_command("mcp-server-git") == str(here / "mcp-server-git")
+    assert resolve_command("/usr/bin/env") == "/usr/bin/env"
+    assert resolve_command("no-such-program-xyz") == "no-such-program-xyz"
