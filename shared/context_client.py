@@ -45,7 +45,7 @@ from shared.contracts.context import (
     SessionReply,
     SessionSummary,
 )
-from shared.errors import ContextRefused, InvalidRequest
+from shared.errors import ContextRefused, InvalidRequest, first_problem
 from shared.subjects import Subjects
 
 ReplyT = TypeVar("ReplyT", bound=ContextReply)
@@ -62,9 +62,8 @@ def _request(model: type[RequestT], **fields: Any) -> RequestT:
     try:
         return model(**fields)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "request"
-        refused = InvalidRequest(f"bad {model.__name__} request: {where}: {first['msg']}").error_object()
+        problem = first_problem(error, "request")
+        refused = InvalidRequest(f"bad {model.__name__} request: {problem}").error_object()
         raise ContextRefused(refused["code"], refused["message"], refused["data"]) from None
 
 

@@ -33,6 +33,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from pydantic import ValidationError
+
 
 class Reason(StrEnum):
     """Machine-readable reasons carried in `error.data.reason`."""
@@ -202,6 +204,13 @@ ERRORS_BY_CODE: dict[int, type[ToolbusError]] = {
         InternalError,
     )
 }
+
+
+def first_problem(error: ValidationError, whole: str) -> str:
+    """`<field path>: <what is wrong>` for the first problem pydantic found (`whole` when it is the input itself)."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or whole
+    return f"{where}: {first['msg']}"
 
 
 class CallFailed(Exception):

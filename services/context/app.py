@@ -52,7 +52,7 @@ from shared.contracts.context import (
     SessionRef,
     SessionReply,
 )
-from shared.errors import ContextTooLarge, InternalError, InvalidRequest, ToolbusError
+from shared.errors import ContextTooLarge, InternalError, InvalidRequest, ToolbusError, first_problem
 from shared.outcomes import Outcomes, now_ms
 from shared.redis_client import redis_client
 from shared.registry import Registry
@@ -199,9 +199,7 @@ class ContextService:
         try:
             request = unpack(verb.request, data)
         except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "request"
-            return _refusal(verb, InvalidRequest(f"bad {name} request: {where}: {first['msg']}"))
+            return _refusal(verb, InvalidRequest(f"bad {name} request: {first_problem(error, 'request')}"))
         except Exception:  # noqa: BLE001  # msgpack raises several types for bytes that are not msgpack
             return _refusal(verb, InvalidRequest(f"bad {name} request: the body is not msgpack"))
         try:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from shared.config import LimitsConfig
 from shared.contracts import ToolCallRequest, ToolSpec
 from shared.contracts.context import SESSION_ID_PATTERN
-from shared.errors import InvalidArguments, InvalidRequest, ParseError
+from shared.errors import InvalidArguments, InvalidRequest, ParseError, first_problem
 from shared.subjects import Header
 
 # Patterns are used with fullmatch: `$` would also accept a trailing newline.
@@ -109,7 +109,7 @@ def parse_body(body: bytes, limits: LimitsConfig) -> ToolCallRequest:
     try:
         return ToolCallRequest.model_validate(decoded)
     except ValidationError as error:
-        raise InvalidRequest(f"not a valid MCP tools/call request: {_first_problem(error)}") from None
+        raise InvalidRequest(f"not a valid MCP tools/call request: {first_problem(error, 'body')}") from None
 
 
 def _decode_json(body: bytes, limits: LimitsConfig) -> Any:
@@ -164,12 +164,6 @@ def json_depth(value: Any) -> int:
         children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
         stack.extend((child, depth + 1) for child in children)
     return deepest
-
-
-def _first_problem(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "body"
-    return f"{where}: {first['msg']}"
 
 
 class ArgumentValidators:

@@ -36,7 +36,7 @@ from shared.contracts.context import (
     SessionPackage,
     SessionSummary,
 )
-from shared.errors import ContextRefused
+from shared.errors import ContextRefused, first_problem
 from shared.subjects import Subjects
 
 T = TypeVar("T")
@@ -99,7 +99,7 @@ def read_package(source: str) -> SessionPackage:
     try:
         return SessionPackage.model_validate_json(raw)
     except ValidationError as error:
-        raise typer.BadParameter(f"{source} is not a session package: {_first_problem(error)}",
+        raise typer.BadParameter(f"{source} is not a session package: {first_problem(error, 'value')}",
                                  param_hint="FILE") from None
 
 
@@ -108,11 +108,6 @@ def _read_text(read: Callable[[], bytes], where: str) -> str:
         return read().decode("utf-8")
     except UnicodeDecodeError:
         raise typer.BadParameter(f"{where} is not UTF-8 text") from None
-
-
-def _first_problem(error: ValidationError) -> str:
-    first = error.errors()[0]
-    return f"{'.'.join(str(part) for part in first['loc']) or 'value'}: {first['msg']}"
 
 
 # --- commands ----------------------------------------------------------------------------------------
@@ -405,7 +400,7 @@ def _run(nats_url: str | None, data_dir: Path, action: Callable[[ContextClient],
         _print_refusal(refused)
         raise typer.Exit(EXIT_REFUSED) from None
     except ValidationError as error:  # a request the SDK would not send: an argument breaks the contract
-        raise typer.BadParameter(_first_problem(error)) from None
+        raise typer.BadParameter(first_problem(error, "value")) from None
     except (ContextUnavailable, nats.errors.Error) as error:
         errors.print(f"error: no context store answered on {escape(subjects.ctx('*'))} at {escape(url)}: "
                      f"{escape(str(error) or type(error).__name__)} (is `toolbus up` running, with "
