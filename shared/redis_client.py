@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
+
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -26,3 +28,8 @@ def redis_client(url: str, *, timeout_s: float = 2.0, retries: int = 5, decode: 
         socket_connect_timeout=timeout_s, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     return Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
+
+
+def bundled_script(package: str, name: str) -> str:
+    """The text of a Redis Lua script shipped in `<package>/lua/<name>.lua` (package data)."""
+    return (files(package) / "lua" / f"{name}.lua").read_text()

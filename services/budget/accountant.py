@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from importlib.resources import files
 from typing import Any
 
 from redis.asyncio import Redis
@@ -29,13 +28,10 @@ from redis.asyncio import Redis
 from services.budget.limits import RateLimit, SpendLimit
 from services.budget.windows import keep_s, window_key
 from shared.contracts.budget import HoldState, TokenUsage
+from shared.redis_client import bundled_script
 
 RECORD_KEEP_S = 8 * 24 * 3600  # a finished hold is remembered longer than EVENTS keeps the ledger
 RATE_KINDS = (("req", "rpm"), ("tok", "tpm"))
-
-
-def _script(name: str) -> str:
-    return (files("services.budget") / "lua" / f"{name}.lua").read_text()
 
 
 @dataclass(frozen=True)
@@ -108,9 +104,9 @@ class Accountant:
     def __init__(self, redis: Redis, prefix: str = "toolbus") -> None:
         self._redis = redis
         self.base = f"{{{prefix}:budget}}"
-        self._reserve = redis.register_script(_script("reserve"))
-        self._settle = redis.register_script(_script("settle"))
-        self._release = redis.register_script(_script("release"))
+        self._reserve = redis.register_script(bundled_script("services.budget", "reserve"))
+        self._settle = redis.register_script(bundled_script("services.budget", "settle"))
+        self._release = redis.register_script(bundled_script("services.budget", "release"))
 
     @property
     def redis(self) -> Redis:

@@ -17,19 +17,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib.resources import files
 from typing import Any, cast
 
 import msgpack
 from redis.asyncio import Redis
 
 from shared.contracts.context import Block, BlockType, Session, SessionMetrics, SessionSummary
+from shared.redis_client import bundled_script
 
 META_FIELDS = ("agent_id", "user_id", "trace_id", "created_ms", "updated_ms", "max_tokens", "metadata")
-
-
-def _script(name: str) -> str:
-    return (files("services.context") / "lua" / f"{name}.lua").read_text()
 
 
 @dataclass(frozen=True)
@@ -74,8 +70,8 @@ class SessionStore:
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._redis = redis
         self._prefix = f"{prefix}:ctx"
-        self._commit = redis.register_script(_script("commit"))
-        self._create = redis.register_script(_script("create"))
+        self._commit = redis.register_script(bundled_script("services.context", "commit"))
+        self._create = redis.register_script(bundled_script("services.context", "create"))
 
     def _keys(self, session_id: str) -> list[str]:
         base = f"{self._prefix}:s:{session_id}"
