@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 import nats
 
+from bench.latency import p50_p99_ms
 from bench.whole_path import REPEATS, median_phase, run_phase
 from shared.budget_client import BudgetClient
 from shared.client import ToolbusClient
@@ -74,9 +74,9 @@ async def overhead_phase(budget: BudgetClient, pairs: int, in_flight: int) -> di
     started = time.perf_counter()
     latencies = await asyncio.gather(*(one() for _ in range(pairs)))
     elapsed = time.perf_counter() - started
-    cuts = statistics.quantiles(sorted(s * 1000 for s in latencies), n=100, method="inclusive")
+    p50, p99 = p50_p99_ms(latencies)
     return {"pairs": pairs, "in_flight": in_flight, "pairs_per_s": round(pairs / elapsed, 1),
-            "calls_per_s": round(pairs / elapsed, 1), "p50_ms": round(cuts[49], 3), "p99_ms": round(cuts[98], 3)}
+            "calls_per_s": round(pairs / elapsed, 1), "p50_ms": round(p50, 3), "p99_ms": round(p99, 3)}
 
 
 async def with_mesh(config: Config, sequential: int, concurrent: int, pairs: int) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from typing import Any
 import msgpack
 import nats
 
+from bench.latency import p50_p99_ms
 from services.context.app import ContextService, ContextSettings
 from services.context.rendering import RenderSettings, _choose, render, segment_tokens
 from services.context.sessions import ContextOperations
@@ -121,10 +122,9 @@ async def build_session(ctx: ContextClient, factory: BlockFactory, blocks: int) 
 
 
 def latency_summary(seconds: list[float], elapsed_s: float) -> dict[str, Any]:
-    ms = sorted(s * 1000 for s in seconds)
-    cuts = statistics.quantiles(ms, n=100, method="inclusive")
-    return {"ops": len(ms), "ops_per_s": round(len(ms) / elapsed_s, 1), "p50_ms": round(cuts[49], 3),
-            "p99_ms": round(cuts[98], 3), "mean_ms": round(statistics.fmean(ms), 3)}
+    p50, p99 = p50_p99_ms(seconds)
+    return {"ops": len(seconds), "ops_per_s": round(len(seconds) / elapsed_s, 1), "p50_ms": round(p50, 3),
+            "p99_ms": round(p99, 3), "mean_ms": round(statistics.fmean(seconds) * 1000, 3)}
 
 
 async def timed_loop(op: Callable[[], Awaitable[Any]], ops: int) -> dict[str, Any]:

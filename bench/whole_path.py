@@ -11,13 +11,13 @@ import argparse
 import asyncio
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.latency import p50_p99_ms
 from shared.client import ToolbusClient
 from shared.config import Config, hash_api_key, parse_config
 from shared.mesh import Mesh
@@ -53,10 +53,9 @@ async def run_phase(client: ToolbusClient, calls: int, in_flight: int) -> dict[s
     started = time.perf_counter()
     latencies = await asyncio.gather(*(one(i) for i in range(calls)))
     elapsed = time.perf_counter() - started
-    ms = sorted(latency * 1000 for latency in latencies)
-    cuts = statistics.quantiles(ms, n=100, method="inclusive")
+    p50, p99 = p50_p99_ms(latencies)
     return {"calls": calls, "in_flight": in_flight, "seconds": round(elapsed, 3),
-            "calls_per_s": round(calls / elapsed, 1), "p50_ms": round(cuts[49], 2), "p99_ms": round(cuts[98], 2)}
+            "calls_per_s": round(calls / elapsed, 1), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2)}
 
 
 def median_phase(runs: list[dict[str, Any]]) -> dict[str, Any]:
