@@ -150,12 +150,14 @@ class ToolbusClient:
         call_id: str | None = None,
         timeout_s: float | None = None,
         raise_on_error: bool = True,
+        api_key: str | SecretStr | None = None,
     ) -> CallResult:
         """Call a tool and wait for its final result.
 
         `deadline` is a datetime or epoch milliseconds; past it the call is never executed.
         A JSON-RPC error raises `CallFailed` unless `raise_on_error` is False; a tool's own
-        failure is a result with `is_error` set, as in MCP.
+        failure is a result with `is_error` set, as in MCP. `api_key` replaces the client's key
+        for this call only, so one connection can speak for many callers (the MCP gateway).
         """
         call_id = call_id or new_call_id()
         future = asyncio.get_running_loop().create_future()
@@ -163,7 +165,7 @@ class ToolbusClient:
         try:
             with tracer.start_as_current_span("toolbus.call", attributes={"toolbus.call_id": call_id}):
                 await self.submit(tool, arguments, priority=priority, deadline=deadline, session=session,
-                                  call_id=call_id, reply=True)
+                                  call_id=call_id, reply=True, api_key=api_key)
             result = await self._await_result(call_id, future, timeout_s or self._timeout_s)
         finally:
             self._waiting.pop(call_id, None)
@@ -179,12 +181,19 @@ class ToolbusClient:
         session: str | None = None,
         call_id: str | None = None,
         reply: bool = False,
+        api_key: str | SecretStr | None = None,
     ) -> str:
-        """Publish a call without waiting for its result; returns the call id once durably accepted."""
+        """Publish a call without waiting for its result; returns the call id once durably accepted.
+
+        `api_key`, when given, is sent instead of the client's own key (for this call only).
+        """
         call_id = call_id or new_call_id()
         body = {"jsonrpc": "2.0", "id": call_id, "method": "tools/call",
                 "params": {"name": tool, "arguments": arguments or {}}}
         headers = self._headers(call_id, priority, deadline, session, reply)
+        if api_key is not None:
+            key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
+            headers[Header.AUTHORIZATION] = f"Bearer {key}"
         try:
             await self._connected().jetstream().publish(self._subjects.call, dump_json(body), headers=headers)
         except NoStreamResponseError:
