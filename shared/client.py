@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -22,6 +23,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
@@ -39,6 +41,20 @@ from shared.telemetry import trace_headers, tracer
 DEFAULT_TIMEOUT_S = 60.0
 # What a request to JetStream raises while nats-server restarts or JetStream is still recovering.
 _BUS_AWAY = (NatsTimeoutError, NoRespondersError, ServiceUnavailableError)
+
+
+ProgressCallback = Callable[[dict[str, Any]], Awaitable[None]]
+"""Receives the `params` of one `notifications/progress` a running tool sent."""
+
+
+@dataclass(frozen=True)
+class _Options:
+    """How a request travels: the headers a producer may set besides its id."""
+
+    priority: int | None
+    deadline: datetime | int | None
+    session: str | None
+    api_key: str | SecretStr | None
 
 
 class ToolbusUnavailable(ConnectionError):
@@ -151,6 +167,8 @@ class ToolbusClient:
         timeout_s: float | None = None,
         raise_on_error: bool = True,
         api_key: str | SecretStr | None = None,
+        meta: dict[str, Any] | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> CallResult:
         """Call a tool and wait for its final result.
 
@@ -158,18 +176,31 @@ class ToolbusClient:
         A JSON-RPC error raises `CallFailed` unless `raise_on_error` is False; a tool's own
         failure is a result with `is_error` set, as in MCP. `api_key` replaces the client's key
         for this call only, so one connection can speak for many callers (the MCP gateway).
+        `meta` is the request's MCP `_meta`; `on_progress` receives the `params` of each progress
+        notification the tool sends while it runs (`progress`, `total`, `message`, `progressToken`).
         """
-        call_id = call_id or new_call_id()
-        future = asyncio.get_running_loop().create_future()
-        self._waiting[call_id] = future
-        try:
-            with tracer.start_as_current_span("toolbus.call", attributes={"toolbus.call_id": call_id}):
-                await self.submit(tool, arguments, priority=priority, deadline=deadline, session=session,
-                                  call_id=call_id, reply=True, api_key=api_key)
-            result = await self._await_result(call_id, future, timeout_s or self._timeout_s)
-        finally:
-            self._waiting.pop(call_id, None)
-        return result.raise_for_error() if raise_on_error else result
+        params = {"name": tool, "arguments": arguments or {}, **({"_meta": meta} if meta else {})}
+        options = _Options(priority, deadline, session, api_key)
+        return await self._request("tools/call", params, options, call_id, timeout_s, raise_on_error, on_progress)
+
+    async def read_resource(
+        self, uri: str, *, priority: int | None = None, deadline: datetime | int | None = None,
+        call_id: str | None = None, timeout_s: float | None = None, raise_on_error: bool = True,
+        api_key: str | SecretStr | None = None,
+    ) -> CallResult:
+        """Read a backend's resource over the bus (`resources/read`): `result` is an MCP ReadResourceResult."""
+        options = _Options(priority, deadline, None, api_key)
+        return await self._request("resources/read", {"uri": uri}, options, call_id, timeout_s, raise_on_error)
+
+    async def get_prompt(
+        self, name: str, arguments: dict[str, str] | None = None, *, priority: int | None = None,
+        deadline: datetime | int | None = None, call_id: str | None = None, timeout_s: float | None = None,
+        raise_on_error: bool = True, api_key: str | SecretStr | None = None,
+    ) -> CallResult:
+        """Get a backend's prompt over the bus (`prompts/get`): `result` is an MCP GetPromptResult."""
+        options = _Options(priority, deadline, None, api_key)
+        params = {"name": name, "arguments": arguments or {}}
+        return await self._request("prompts/get", params, options, call_id, timeout_s, raise_on_error)
 
     async def submit(
         self,
@@ -187,12 +218,46 @@ class ToolbusClient:
 
         `api_key`, when given, is sent instead of the client's own key (for this call only).
         """
+        params = {"name": tool, "arguments": arguments or {}}
+        return await self._publish("tools/call", params, _Options(priority, deadline, session, api_key),
+                                   call_id or new_call_id(), reply)
+
+    async def _request(  # noqa: PLR0917  # the public methods' options, passed on as they came
+        self, method: str, params: dict[str, Any], options: _Options, call_id: str | None, timeout_s: float | None,
+        raise_on_error: bool, on_progress: ProgressCallback | None = None,
+    ) -> CallResult:
+        """Publish one request and wait for its final result (progress, if asked, while waiting)."""
         call_id = call_id or new_call_id()
-        body = {"jsonrpc": "2.0", "id": call_id, "method": "tools/call",
-                "params": {"name": tool, "arguments": arguments or {}}}
-        headers = self._headers(call_id, priority, deadline, session, reply)
-        if api_key is not None:
-            key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[call_id] = future
+        progress = await self._follow_progress(call_id, on_progress) if on_progress else None
+        try:
+            with tracer.start_as_current_span("toolbus.call", attributes={"toolbus.call_id": call_id}):
+                await self._publish(method, params, options, call_id, reply=True)
+            result = await self._await_result(call_id, future, timeout_s or self._timeout_s)
+        finally:
+            self._waiting.pop(call_id, None)
+            if progress is not None:
+                with contextlib.suppress(Exception):
+                    await progress.unsubscribe()
+        return result.raise_for_error() if raise_on_error else result
+
+    async def _follow_progress(self, call_id: str, on_progress: ProgressCallback) -> Subscription:
+        """Subscribe to the call's progress subject before the call is published, so none is missed."""
+
+        async def deliver(msg: Msg) -> None:
+            with contextlib.suppress(ValueError, AttributeError):  # a malformed notification is skipped
+                await on_progress(json.loads(msg.data)["params"])
+
+        return await self._connected().subscribe(self._subjects.progress(call_id), cb=deliver)
+
+    async def _publish(
+        self, method: str, params: dict[str, Any], options: _Options, call_id: str, reply: bool
+    ) -> str:
+        body = {"jsonrpc": "2.0", "id": call_id, "method": method, "params": params}
+        headers = self._headers(call_id, options.priority, options.deadline, options.session, reply)
+        if options.api_key is not None:
+            key = options.api_key.get_secret_value() if isinstance(options.api_key, SecretStr) else options.api_key
             headers[Header.AUTHORIZATION] = f"Bearer {key}"
         try:
             await self._connected().jetstream().publish(self._subjects.call, dump_json(body), headers=headers)

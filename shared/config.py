@@ -527,6 +527,18 @@ class ContextConfig(BaseModel):
         return self
 
 
+class GatewayConfig(BaseModel):
+    """The MCP gateway `toolbus up` runs: where it listens and what it accepts."""
+
+    model_config = _MODEL_CONFIG
+
+    enabled: bool = Field(default=True, description="Run the MCP gateway.")
+    host: str = Field(default="127.0.0.1", description="Listen address; a loopback one turns on Origin checks.")
+    port: int = Field(default=8765, ge=0, le=65535, description="Listen port; 0 picks a free one at start.")
+    max_request_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="Larger HTTP bodies get 413.")
+    call_timeout_s: float = Field(default=300, gt=0, description="Deadline of a call whose client sets none.")
+
+
 class Config(BaseModel):
     """The whole toolbus configuration; the pool ``default`` always exists."""
 
@@ -546,6 +558,7 @@ class Config(BaseModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     context: ContextConfig = Field(default_factory=ContextConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
 
     @model_validator(mode="before")
     @classmethod

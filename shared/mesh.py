@@ -110,6 +110,12 @@ def service_plan(config: Config, data_dir: Path = Path(".toolbus")) -> list[Serv
     if config.context.enabled:
         plan.append(ServiceProcess("context", "services.context"))
     plan.append(ServiceProcess("router", "services.router"))
+    if config.gateway.enabled:
+        gateway = config.gateway
+        port = gateway.port or free_port(gateway.host)  # known before the start, so runtime.json can name it
+        plan.append(ServiceProcess("gateway", "services.gateway", [
+            "--host", gateway.host, "--port", str(port), "--max-request-body-bytes",
+            str(gateway.max_request_body_bytes), "--call-timeout-s", str(gateway.call_timeout_s)]))
     served = {server.pool for server in config.servers.values()}
     for pool, pool_config in sorted(config.pools.items()):
         if pool in served:
@@ -170,8 +176,17 @@ class Mesh:
     def runtime_info(self) -> RuntimeInfo:
         endpoints = [ServiceEndpoint(name=s.name, pid=s.process.pid if s.process else 0, http_url=s.http_url)
                      for s in self.services]
-        return RuntimeInfo(nats_url=self.nats_url, redis_url=self.redis_url, gateway_url=None, pid=os.getpid(),
-                           prefix=self.config.prefix, services=endpoints)
+        return RuntimeInfo(nats_url=self.nats_url, redis_url=self.redis_url, gateway_url=self.gateway_url,
+                           pid=os.getpid(), prefix=self.config.prefix, services=endpoints)
+
+    @property
+    def gateway_url(self) -> str | None:
+        """The MCP gateway's endpoint, e.g. `http://127.0.0.1:8765/mcp` (None when it is off)."""
+        gateway = next((s for s in self.services if s.module == "services.gateway"), None)
+        if gateway is None:
+            return None
+        args = dict(zip(gateway.extra_args[::2], gateway.extra_args[1::2], strict=True))
+        return f"http://{args['--host']}:{args['--port']}/mcp"
 
     def _start_servers(self) -> None:
         if not self.nats_url:

@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavailableError
 
-from shared.codec import dump_model_json, pack
+from shared.codec import dump_json, dump_model_json, pack
 from shared.contracts import CallStatus, Event, EventKind, JsonRpcError, ToolCallResponse
 from shared.contracts.jsonrpc import RequestId
 from shared.errors import ToolbusError
@@ -76,6 +76,18 @@ class Outcomes:
             Header.CONTENT_TYPE: CONTENT_JSON,
             **trace_headers(),
         }
+
+    async def publish_progress(self, call_id: str, params: dict[str, Any]) -> None:
+        """Forward one MCP progress notification of a running call to `toolbus.progress.<call_id>`.
+
+        Core NATS, fire and forget: nobody may be listening, and a lost notification costs a
+        progress bar one update, never the call.
+        """
+        notification = {"jsonrpc": "2.0", "method": "notifications/progress", "params": params}
+        try:
+            await self._nc.publish(self._subjects.progress(call_id), dump_json(notification))
+        except Exception as error:  # noqa: BLE001  # best effort by design (see above)
+            log.debug("progress.not_forwarded", error=repr(error))
 
     async def emit(self, *kinds: EventKind, **fields: Any) -> None:
         """Publish events durably (JetStream, acks awaited together), sharing the given fields.

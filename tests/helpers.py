@@ -144,10 +144,12 @@ class ServiceProcessHandle:
 
 
 def executions(record: Path) -> list[dict[str, object]]:
-    """The demo server's execution record: one entry per time a tool really ran."""
+    """The demo server's execution record: one entry per time a tool really ran (started; the
+    `sleep_ms.finished` lines that say a sleep ran to its end are left out)."""
     if not record.exists():
         return []
-    return [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+    return [entry for entry in entries if not str(entry["tool"]).endswith(".finished")]
 
 
 TOOLBUS = [sys.executable, "-c", "from shared.cli import main; main()"]
@@ -162,8 +164,10 @@ def toolbus(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 @contextlib.contextmanager
 def toolbus_up(root: Path, config: Mapping[str, object], env: Mapping[str, str] | None = None
                ) -> Iterator[tuple[Path, dict[str, object]]]:
-    """`toolbus up` in a subprocess on `config`; yields (data dir, runtime.json); SIGTERM must stop it cleanly."""
-    (root / "toolbus.yaml").write_text(yaml.safe_dump(dict(config)))
+    """`toolbus up` in a subprocess on `config`; yields (data dir, runtime.json); SIGTERM must stop it cleanly.
+
+    The gateway listens on a free port unless `config` says otherwise (8765 may be taken by a `make up`)."""
+    (root / "toolbus.yaml").write_text(yaml.safe_dump({"gateway": {"port": 0}, **config}))
     data_dir, output = root / "data", root / "up.log"
     with output.open("w") as log_file:
         up = subprocess.Popen([*TOOLBUS, "up", "--config", str(root / "toolbus.yaml"), "--data-dir", str(data_dir)],

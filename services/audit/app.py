@@ -34,7 +34,7 @@ from shared.config import Config
 from shared.contracts import Event
 from shared.contracts.audit import Activity, AuditActor, AuditEvent, AuditResource, Outcome
 from shared.outcomes import now_ms
-from shared.registry import Registry
+from shared.registry import Registry, RegistryWatch
 from shared.service import BackgroundTasks
 from shared.subjects import DEFAULT_PREFIX, Stream, Subjects, audit_durable
 
@@ -108,7 +108,7 @@ class AuditService:
             Path(config.audit.witness_file) if config.audit.witness_file else None), clock=self._settings.clock)
         await self.checkpointer.start()
         await self._consume(config.audit.log_id)
-        self._tasks.spawn(registry.watch(lambda _tool: None, self._on_config))
+        self._tasks.spawn(registry.watch(RegistryWatch(self._on_config)))
         self._ready = True
 
     async def _consume(self, log_id: str) -> None:

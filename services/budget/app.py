@@ -47,11 +47,10 @@ from shared.contracts import (
     SettleRequest,
     StatusReply,
     StatusRequest,
-    ToolSpec,
 )
 from shared.outcomes import Outcomes, now_ms
 from shared.redis_client import redis_client
-from shared.registry import BUDGET_EPOCH_KEY, Registry
+from shared.registry import BUDGET_EPOCH_KEY, Registry, RegistryWatch
 from shared.service import BackgroundTasks, serve_requests
 from shared.subjects import DEFAULT_PREFIX, REGISTRY_BUCKET, Subjects
 
@@ -122,7 +121,7 @@ class BudgetService:
                                  partial(self._answer, verb, handler))
         self._tasks.spawn(self._every(REAP_EVERY_S, self._reap))
         self._tasks.spawn(self._every(EPOCH_CHECK_EVERY_S, self._recheck_epoch))
-        self._tasks.spawn(registry.watch(_ignore_tool, self._on_config, self._on_budget_limits))
+        self._tasks.spawn(registry.watch(RegistryWatch(self._on_config, on_budget_limits=self._on_budget_limits)))
         self._ready = True
 
     async def stop(self) -> None:
@@ -264,10 +263,6 @@ class BudgetService:
                 log.warning("budget.background_failed", work=work.__name__, error=repr(error))
             await asyncio.sleep(seconds)
 
-
-
-def _ignore_tool(_spec: ToolSpec) -> None:
-    """The accountant prices tools from config, not from their registered specs."""
 
 
 def _outcome(reply: BaseModel) -> str:

@@ -55,7 +55,7 @@ from shared.contracts.context import (
 from shared.errors import ContextTooLarge, InternalError, InvalidRequest, ToolbusError, first_problem
 from shared.outcomes import Outcomes, now_ms
 from shared.redis_client import redis_client
-from shared.registry import Registry
+from shared.registry import Registry, RegistryWatch
 from shared.service import BackgroundTasks, serve_requests
 from shared.subjects import CONTEXT_DURABLE, DEFAULT_PREFIX, Stream, Subjects
 
@@ -124,7 +124,7 @@ class ContextService:
             await serve_requests(self._nc, self._subjects.ctx(name), QUEUE, self._tasks,
                                  partial(self._answer, name, verb))
         await self._follow_results(ToolResults(js, self._subjects, ops))
-        self._tasks.spawn(registry.watch(lambda _tool: None, self._on_config))
+        self._tasks.spawn(registry.watch(RegistryWatch(self._on_config)))
         self._ready = True
 
     @staticmethod

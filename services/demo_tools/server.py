@@ -24,7 +24,8 @@ from mcp_types import CallToolResult, TextContent
 
 app = MCPServer(
     "toolbus-demo",
-    instructions="Demo tools for toolbus: echo, sleep_ms, fail, flaky, summarize, progress, pid, crash.",
+    instructions="Demo tools for toolbus: echo, sleep_ms, fail, flaky, summarize, progress, pid, crash; "
+    "a review prompt and demo:// resources.",
     log_level="WARNING",
 )
 
@@ -61,6 +62,7 @@ async def sleep_ms(ms: int, ctx: Context | None = None) -> str:
         raise ToolError("ms must be between 0 and 600000")
     record("sleep_ms", ctx)
     await asyncio.sleep(ms / 1000)
+    record("sleep_ms.finished", ctx)  # absent from the record when the call was cancelled mid-sleep
     return f"slept {ms} ms"
 
 
@@ -126,3 +128,24 @@ def crash(ctx: Context | None = None) -> str:
     """Kill this server process at once, as a backend crash would."""
     record("crash", ctx)
     os._exit(17)
+
+
+# --- prompts and resources (the gateway proxies them over the bus, like tools) ----------------
+
+
+@app.prompt(title="Code review")
+def review(code: str, language: str = "python") -> str:
+    """Ask for a careful review of `code`."""
+    return f"Please review this {language} code for bugs and unclear names:\n\n{code}"
+
+
+@app.resource("demo://readme", title="About the demo server", mime_type="text/markdown")
+def readme() -> str:
+    """What the demo server is for."""
+    return "# toolbus demo\n\nTools, a prompt and resources for trying toolbus end to end.\n"
+
+
+@app.resource("demo://echo/{text}", mime_type="text/plain")
+def echo_resource(text: str) -> str:
+    """A resource per URI: its text is the last path segment."""
+    return text

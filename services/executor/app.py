@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from services.executor.backends import Backend
 from services.executor.breaker import SharedBreaker
+from services.executor.catalog import catalog_entries, tool_spec
 from services.executor.intake import IntakeSettings, PriorityIntake
 from services.executor.ledger import CallLedger
 from services.executor.runner import CallRunner, Worker
@@ -29,10 +30,10 @@ from shared.budget_client import BudgetClient
 from shared.bus import connect, ensure_consumer, provision_streams
 from shared.codec import unpack
 from shared.config import Config, PoolConfig
-from shared.contracts import BreakerView, ToolSpec, WorkerBeat, WorkItem
+from shared.contracts import BreakerView, WorkerBeat, WorkItem
 from shared.outcomes import Outcomes, now_ms
 from shared.redis_client import redis_client
-from shared.registry import BEAT_EVERY_S, Registry, WorkerRoster
+from shared.registry import BEAT_EVERY_S, Registry, WorkerRoster, tool_key
 from shared.subjects import DEFAULT_PREFIX, Stream, Subjects, work_durable
 from shared.telemetry import call_span
 
@@ -151,18 +152,17 @@ class ExecutorService:
                 log.warning("executor.backend_not_ready", backend=backend.name, error=repr(result))
 
     async def _register_tools(self, registry: Registry, config: Config, backend: Backend) -> None:
-        """Publish the backend's tools (name, description, schemas) so routers can validate calls."""
+        """Publish the backend's tools (name, description, schemas) so routers can validate calls,
+        and its prompts, resources and templates; then delete what it no longer offers."""
+        current: set[str] = set()
         for tool in await backend.list_tools():
-            annotations = tool.annotations.model_dump(mode="json", by_alias=True, exclude_none=True) \
-                if tool.annotations else None
-            spec = ToolSpec(
-                public_name=config.public_name(backend.name, tool.name), server=backend.name,
-                pool=self._settings.pool, tool=tool.name, title=tool.title, description=tool.description,
-                input_schema=tool.input_schema, output_schema=tool.output_schema, annotations=annotations,
-                registered_at_ms=now_ms(),
-            )
+            spec = tool_spec(config, backend.name, self._settings.pool, tool)
             await registry.put_tool(spec)
-        log.info("executor.tools_registered", backend=backend.name)
+            current.add(tool_key(spec.public_name))
+        for entry in catalog_entries(config, backend.name, self._settings.pool, await backend.catalog()):
+            current.add(await registry.put_entry(entry))
+        removed = await registry.remove_stale(backend.name, current)
+        log.info("executor.tools_registered", backend=backend.name, entries=len(current), removed=len(removed))
 
     async def _start_intake(self) -> None:
         pool = self.worker.pool

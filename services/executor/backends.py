@@ -15,8 +15,9 @@ import importlib
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2
 import structlog
@@ -25,8 +26,18 @@ from mcp.client import Transport
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import MCPServer
+from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
-from mcp_types import CONNECTION_CLOSED, CallToolResult, Tool
+from mcp_types import (
+    CONNECTION_CLOSED,
+    CallToolResult,
+    GetPromptResult,
+    Prompt,
+    ReadResourceResult,
+    Resource,
+    ResourceTemplate,
+    Tool,
+)
 
 from shared.config import ServerConfig
 
@@ -34,6 +45,19 @@ log = structlog.get_logger(__name__)
 
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 CONNECT_TIMEOUT_S = 30.0
+
+
+_Result = TypeVar("_Result")
+BackendResult = CallToolResult | ReadResourceResult | GetPromptResult
+
+
+@dataclass
+class Catalog:
+    """What a backend offers besides tools."""
+
+    prompts: list[Prompt] = field(default_factory=list)
+    resources: list[Resource] = field(default_factory=list)
+    templates: list[ResourceTemplate] = field(default_factory=list)
 
 
 class BackendUnavailable(Exception):
@@ -82,20 +106,44 @@ class Backend:
     async def list_tools(self) -> list[Tool]:
         """Every tool the backend offers (following pagination)."""
         client = await self.wait_connected(CONNECT_TIMEOUT_S)
-        tools: list[Tool] = []
-        cursor: str | None = None
-        while True:
-            page = await client.list_tools(cursor=cursor)
-            tools.extend(page.tools)
-            cursor = page.next_cursor
-            if not cursor:
-                return tools
+        return await _all_pages(lambda cursor: client.list_tools(cursor=cursor), "tools")
 
-    async def call_tool(self, tool: str, arguments: dict[str, Any], meta: dict[str, Any] | None) -> CallToolResult:
-        """Run one tool call; a broken session raises `BackendUnavailable` and triggers a restart."""
+    async def catalog(self) -> Catalog:
+        """The prompts, resources and resource templates the backend offers (none without the capability)."""
+        client = await self.wait_connected(CONNECT_TIMEOUT_S)
+        capabilities = client.server_capabilities
+        catalog = Catalog()
+        if capabilities.prompts is not None:
+            catalog.prompts = await _all_pages(lambda cursor: client.list_prompts(cursor=cursor), "prompts")
+        if capabilities.resources is not None:
+            catalog.resources = await _all_pages(lambda cursor: client.list_resources(cursor=cursor), "resources")
+            catalog.templates = await _all_pages(
+                lambda cursor: client.list_resource_templates(cursor=cursor), "resource_templates")
+        return catalog
+
+    async def call_tool(
+        self, tool: str, arguments: dict[str, Any], meta: dict[str, Any] | None, progress: ProgressFnT | None = None
+    ) -> CallToolResult:
+        """Run one tool call; a broken session raises `BackendUnavailable` and triggers a restart.
+
+        With `progress`, the SDK sends a progress token and hands each of the tool's progress
+        notifications to it (a tool reports progress only when asked to with a token).
+        """
+        return await self._request(lambda client: client.call_tool(
+            tool, arguments, progress_callback=progress, meta=meta  # type: ignore[arg-type]
+        ))
+
+    async def read_resource(self, uri: str, meta: dict[str, Any] | None) -> ReadResourceResult:
+        return await self._request(lambda client: client.read_resource(uri, meta=meta))  # type: ignore[arg-type]
+
+    async def get_prompt(self, name: str, arguments: dict[str, str], meta: dict[str, Any] | None) -> GetPromptResult:
+        return await self._request(lambda client: client.get_prompt(name, arguments, meta=meta))  # type: ignore[arg-type]
+
+    async def _request(self, send: Callable[[Client], Awaitable[_Result]]) -> _Result:
+        """One request on the warm session; a broken session raises `BackendUnavailable` and restarts."""
         client = await self.wait_connected(CONNECT_TIMEOUT_S)
         try:
-            result = await client.call_tool(tool, arguments, meta=meta)  # type: ignore[arg-type]
+            result = await send(client)
         except MCPError as error:
             if error.code == CONNECTION_CLOSED:
                 self._mark_broken(client)
@@ -184,3 +232,15 @@ def load_app(import_path: str) -> MCPServer:
     if not isinstance(app, MCPServer):
         raise TypeError(f"{import_path} is a {type(app).__name__}, not an MCPServer")
     return app
+
+
+async def _all_pages(fetch: Callable[[str | None], Awaitable[Any]], field_name: str) -> list[Any]:
+    """Every item of a paginated MCP list (`tools`, `prompts`, …), following `next_cursor`."""
+    items: list[Any] = []
+    cursor: str | None = None
+    while True:
+        page = await fetch(cursor)
+        items.extend(getattr(page, field_name))
+        cursor = page.next_cursor
+        if not cursor:
+            return items

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from mcp_types import CallToolResult
+from mcp_types import CallToolResult, GetPromptResult, ReadResourceResult
 
 from shared.config import BackoffConfig
 from shared.contracts import CallStatus, ToolCallResponse, WorkItem
@@ -19,14 +19,16 @@ def backoff_delay(attempt: int, backoff: BackoffConfig, rng: random.Random | Non
     return (rng or random).uniform(0, ceiling)
 
 
-def mcp_result(result: CallToolResult) -> dict[str, Any]:
-    """The backend's CallToolResult exactly as MCP puts it on the wire (camelCase, no nulls)."""
+def mcp_result(result: CallToolResult | ReadResourceResult | GetPromptResult) -> dict[str, Any]:
+    """The backend's result exactly as MCP puts it on the wire (camelCase, no nulls)."""
     return result.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def success_response(work: WorkItem, result: CallToolResult) -> tuple[ToolCallResponse, CallStatus]:
-    """The producer's response for a tool that ran; its own `isError` makes it `tool_error`."""
-    status = CallStatus.TOOL_ERROR if result.is_error else CallStatus.OK
+def success_response(
+    work: WorkItem, result: CallToolResult | ReadResourceResult | GetPromptResult
+) -> tuple[ToolCallResponse, CallStatus]:
+    """The producer's response for a request that ran; a tool's own `isError` makes it `tool_error`."""
+    status = CallStatus.TOOL_ERROR if isinstance(result, CallToolResult) and result.is_error else CallStatus.OK
     return ToolCallResponse(id=work.request_id, result=mcp_result(result)), status
 
 

@@ -21,15 +21,17 @@ import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
+from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.executor.backends import Backend, BackendUnavailable
+from services.executor.backends import Backend, BackendResult, BackendUnavailable
 from services.executor.breaker import SharedBreaker
 from services.executor.execution import backoff_delay, final_limit, success_response, time_budget_s
 from services.executor.ledger import CallLedger, ClaimOutcome
@@ -57,6 +59,7 @@ CALLS = Counter("toolbus_executor_calls_total", "Attempts finished by this worke
 CALL_SECONDS = Histogram("toolbus_executor_call_seconds", "Backend call duration", ["pool"])
 IN_FLIGHT = Gauge("toolbus_executor_in_flight", "Calls running in this worker", ["pool"])
 CALL_ID_META = "io.toolbus/call_id"  # lets a backend tell which bus call it is serving
+PROGRESS_TOKEN_META = "progressToken"  # noqa: S105  # an MCP _meta key, not a secret
 
 Answer = tuple[ToolCallResponse, CallStatus] | ToolbusError
 """How an attempt ended: the tool's response with ok/tool_error, or the error to answer."""
@@ -194,7 +197,7 @@ class CallRunner:
             meta[MAX_TOKENS_META] = work.budget.max_tokens
         try:
             async with self._running(work), asyncio.timeout(budget_s):
-                result = await backend.call_tool(work.tool, work.arguments, meta)
+                result = await self._send(backend, work, meta)
         except TimeoutError:
             if is_deadline:
                 limit = final_limit(work, self.w.settle_margin_s)
@@ -208,6 +211,29 @@ class CallRunner:
             raise BackendError(f"backend error: {error.error.message}", backend_code=error.code) from error
         await self._breaker_success(work)
         return success_response(work, result)
+
+    async def _send(self, backend: Backend, work: WorkItem, meta: dict[str, Any]) -> BackendResult:
+        """The request the call asked for: a tool call (progress forwarded), a resource read or a prompt."""
+        if work.method == "resources/read":
+            return await backend.read_resource(work.tool, meta)
+        if work.method == "prompts/get":
+            return await backend.get_prompt(work.tool, {k: str(v) for k, v in work.arguments.items()}, meta)
+        return await backend.call_tool(work.tool, work.arguments, meta, self._progress_to_bus(work))
+
+    def _progress_to_bus(self, work: WorkItem) -> ProgressFnT:
+        """The tool's progress notifications, forwarded to `toolbus.progress.<call_id>` under the
+        producer's own progress token (the call id when it sent none)."""
+        token = (work.meta or {}).get(PROGRESS_TOKEN_META, work.call_id)
+
+        async def forward(progress: float, total: float | None, message: str | None) -> None:
+            params: dict[str, object] = {"progressToken": token, "progress": progress}
+            if total is not None:
+                params["total"] = total
+            if message is not None:
+                params["message"] = message
+            await self.w.outcomes.publish_progress(work.call_id, params)
+
+        return forward
 
     @contextlib.asynccontextmanager
     async def _running(self, work: WorkItem) -> AsyncIterator[None]:

@@ -1,9 +1,10 @@
-"""Gateway service: the whole mesh as one MCP server over streamable HTTP at `/mcp`.
+"""Gateway service: the whole mesh as one MCP server, over streamable HTTP at `/mcp` or stdio.
 
-Wiring only: a NATS connection for the registry (config and tools, kept current with a KV
-watch), a `ToolbusClient` for bus calls, the MCP SDK's low-level `Server` with `tools/list`
-and `tools/call` handlers, and uvicorn serving the SDK's streamable HTTP app. The mapping
-between bus and MCP shapes is `mapping.py`; who the caller is, `auth.py`.
+Wiring only: a NATS connection for the registry (config, tools, prompts, resources, kept
+current with a KV watch), a `ToolbusClient` for bus requests, the MCP SDK's low-level `Server`
+with the handlers of `frontend.py`, and uvicorn serving the SDK's streamable HTTP app (or the
+SDK's stdio loop). The mapping between bus and MCP shapes is `mapping.py`; who the caller is,
+`auth.py`. A registry change is announced to listening clients as `notifications/*/list_changed`.
 
 The SDK does the HTTP side: bearer auth (401 with `WWW-Authenticate` before any MCP work),
 Host/Origin checks against DNS rebinding (on for loopback binds), the request size limit.
@@ -13,34 +14,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import mcp_types as types
 import structlog
 import uvicorn
 from mcp.server.auth.settings import AuthSettings
-from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
+from mcp.server.stdio import stdio_server
+from mcp.server.subscriptions import (
+    InMemorySubscriptionBus,
+    ListenHandler,
+    PromptsListChanged,
+    ResourcesListChanged,
+    ServerEvent,
+    ToolsListChanged,
+)
 from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE
-from mcp.shared.exceptions import MCPError
 from nats.aio.client import Client as NatsClient
-from pydantic import ValidationError
 from starlette.applications import Starlette
 
-from services.gateway.auth import ApiKeyVerifier, caller, caller_key
-from services.gateway.mapping import call_tool_result, gateway_error, visible_tools
-from services.router.policy import index_principals
+from services.gateway.auth import ApiKeyVerifier, bearer_key, caller
+from services.gateway.frontend import McpFrontend, MeshView
 from shared.bus import connect
+from shared.catalog import CatalogIndex
 from shared.client import ToolbusClient
-from shared.config import Config, Principal, Role
-from shared.contracts import ToolSpec
-from shared.errors import DeadlineExceeded, InternalError, InvalidRequest, ToolbusError
-from shared.registry import Registry
+from shared.config import Config
+from shared.contracts import CatalogEntry, CatalogKind, ToolSpec
+from shared.policy import index_principals
+from shared.registry import TOOL_KEY_PREFIX, Registry, RegistryWatch
 from shared.service import BackgroundTasks
-from shared.subjects import DEFAULT_PREFIX, Header
+from shared.subjects import DEFAULT_PREFIX
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +64,7 @@ class GatewaySettings:
     instance: str = "gateway"
     host: str = "127.0.0.1"
     port: int = 8765
-    call_timeout_s: float = 60.0  # until the client's own timeout becomes the call's deadline
+    call_timeout_s: float = 300.0  # the deadline of a call whose client sets none
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_SIZE
 
 
@@ -71,7 +77,7 @@ class _ServerWithoutSignals(uvicorn.Server):
 
 
 class GatewayService:
-    """An MCP server whose tools are the registry's tools, called over the bus with the caller's key."""
+    """An MCP server whose tools, prompts and resources are the mesh's, used with the caller's key."""
 
     name = "gateway"
 
@@ -79,9 +85,10 @@ class GatewayService:
         self._settings = settings
         self._nc: NatsClient | None = None
         self._client: ToolbusClient | None = None
-        self._config: Config | None = None
-        self._principals: dict[str, Principal] = {}
-        self._tools: dict[str, ToolSpec] = {}
+        self._view = MeshView()
+        self._frontend = McpFrontend(self._view, self._bus_client, settings.call_timeout_s, key=bearer_key)
+        self._changes = InMemorySubscriptionBus()  # list_changed events for `subscriptions/listen` streams
+        self._listen = ListenHandler(self._changes)
         self._http: _ServerWithoutSignals | None = None
         self._serving: asyncio.Task[None] | None = None
         self._tasks = BackgroundTasks()
@@ -98,21 +105,38 @@ class GatewayService:
         return f"http://{host}:{port}{MCP_PATH}"
 
     async def start(self) -> None:
-        """Connect, load config and tools and follow their changes, then listen for MCP clients."""
+        """Connect to the mesh, then listen for MCP clients over HTTP."""
+        await self.connect()
+        await self._serve_http(self.asgi_app())
+        log.info("gateway.listening", url=self.url)
+
+    async def serve_stdio(self, api_key: str) -> None:
+        """Serve one MCP client over stdin/stdout (a client that launched this process) until it
+        closes stdin, every request made with `api_key` (an unknown key is refused at once)."""
+        await self.connect()
+        caller(api_key, self._view.principals)  # raises Unauthenticated before the client waits on us
+        self._frontend = McpFrontend(self._view, self._bus_client, self._settings.call_timeout_s, key=lambda: api_key)
+        server = self.mcp_server()
+        async with stdio_server() as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+
+    async def connect(self) -> None:
+        """Load config, tools and catalog and follow their changes; open the bus client."""
         self._nc = await connect(self._settings.nats_url, name=self._settings.instance)
         registry = await Registry.open(self._nc.jetstream(), create=True)
         self._on_config(await registry.get_config())
-        self._tools = dict(await registry.tools())
-        self._tasks.spawn(registry.watch(self._on_tool, self._on_config))
+        self._view.tools.update(await registry.tools())
+        self._view.catalog = CatalogIndex.of(await registry.catalog())
+        self._tasks.spawn(registry.watch(RegistryWatch(
+            self._on_config, self._on_tool, on_entry=self._on_entry, on_removed=self._on_removed)))
         # The gateway has no key of its own: every call carries its caller's key (`api_key=`).
         self._client = ToolbusClient(self._settings.nats_url, "", prefix=self._settings.prefix,
                                      timeout_s=self._settings.call_timeout_s, name=f"{self._settings.instance}-calls")
         await self._client.connect()
-        await self._serve_http(self.asgi_app())
-        log.info("gateway.listening", url=self.url)
 
     async def stop(self) -> None:
         """Stop taking HTTP requests (those in flight finish, bounded), then disconnect."""
+        self._listen.close()
         if self._http is not None and self._serving is not None:
             self._http.should_exit = True
             await asyncio.wait({self._serving}, timeout=2 * STOP_TASKS_S)  # uvicorn's graceful shutdown is bounded
@@ -127,7 +151,16 @@ class GatewayService:
 
     def mcp_server(self) -> Server[Any]:
         """The SDK's low-level server with the gateway's handlers."""
-        return Server(self.name, version="0.1.0", on_list_tools=self._list_tools, on_call_tool=self._call_tool)
+        frontend = self._frontend
+        return Server(
+            self.name, version=_version(),
+            instructions="Every tool, prompt and resource of a toolbus mesh, used with your own API key.",
+            on_list_tools=frontend.list_tools, on_call_tool=frontend.call_tool,
+            on_list_prompts=frontend.list_prompts, on_get_prompt=frontend.get_prompt,
+            on_list_resources=frontend.list_resources, on_read_resource=frontend.read_resource,
+            on_list_resource_templates=frontend.list_resource_templates,
+            on_subscriptions_listen=self._listen,
+        )
 
     def asgi_app(self) -> Starlette:
         """The SDK's streamable HTTP app at `/mcp`, bearer keys checked by `ApiKeyVerifier`.
@@ -139,55 +172,46 @@ class GatewayService:
         return self.mcp_server().streamable_http_app(
             streamable_http_path=MCP_PATH,
             host=self._settings.host,  # a loopback host turns on the SDK's Host/Origin checks
-            token_verifier=ApiKeyVerifier(lambda: self._principals),
+            token_verifier=ApiKeyVerifier(lambda: self._view.principals),
             auth=AuthSettings(issuer_url=base, resource_server_url=None),
             max_request_body_size=self._settings.max_request_body_bytes,
         )
 
-    async def _list_tools(
-        self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
-    ) -> types.ListToolsResult:
-        """Every registered tool the caller's roles allow (one page: the registry is small)."""
-        try:
-            principal = caller(self._principals)
-        except ToolbusError as refused:
-            raise gateway_error(refused) from None
-        return types.ListToolsResult(tools=visible_tools(self._tools.values(), principal, self._roles))
-
-    async def _call_tool(
-        self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
-    ) -> types.CallToolResult:
-        """One bus call with the caller's key; the router decides whether it may run."""
-        assert self._client is not None
-        try:
-            result = await self._client.call(
-                params.name, params.arguments or {}, raise_on_error=False, api_key=caller_key(),
-                priority=_priority(ctx), session=_header(ctx, Header.SESSION),
-            )
-        except ToolbusError as refused:
-            raise gateway_error(refused) from None
-        except TimeoutError:
-            timeout = self._settings.call_timeout_s
-            raise gateway_error(DeadlineExceeded(f"no result within {timeout:g} s")) from None
-        except Exception:  # noqa: BLE001  # logged with its traceback by _internal_error
-            raise _internal_error("gateway.call_failed", params.name) from None
-        try:
-            return call_tool_result(result)
-        except ValidationError:  # a result that is no CallToolResult: the caller must not see pydantic's text
-            raise _internal_error("gateway.bad_result", params.name) from None
-
-    @property
-    def _roles(self) -> dict[str, Role]:
-        return self._config.roles if self._config is not None else {}
+    def _bus_client(self) -> ToolbusClient:
+        assert self._client is not None, "not connected"
+        return self._client
 
     # --- registry ------------------------------------------------------------------------------
 
     def _on_tool(self, spec: ToolSpec) -> None:
-        self._tools[spec.public_name] = spec
+        known = self._view.tools.get(spec.public_name)
+        self._view.tools[spec.public_name] = spec
+        # every worker re-registers its backend's tools when it (re)connects: only a real change is news
+        if known is None or known.model_dump(exclude={"registered_at_ms"}) != spec.model_dump(
+                exclude={"registered_at_ms"}):
+            self._announce(ToolsListChanged())
+
+    def _on_entry(self, key: str, entry: CatalogEntry) -> None:
+        known = self._view.catalog.entries.get(key)
+        self._view.catalog.put(key, entry)
+        if known is None or known.definition != entry.definition:
+            self._announce(_LIST_CHANGED[entry.kind])
+
+    def _on_removed(self, key: str) -> None:
+        if key.startswith(TOOL_KEY_PREFIX):
+            if self._view.tools.pop(key.removeprefix(TOOL_KEY_PREFIX), None) is not None:
+                self._announce(ToolsListChanged())
+        elif (entry := self._view.catalog.entries.get(key)) is not None:
+            self._view.catalog.remove(key)
+            self._announce(_LIST_CHANGED[entry.kind])
 
     def _on_config(self, config: Config) -> None:
-        self._config = config
-        self._principals = index_principals(config.principals)
+        self._view.principals = index_principals(config.principals)
+        self._view.roles = config.roles
+
+    def _announce(self, event: ServerEvent) -> None:
+        """Tell listening clients a list changed (roles filter what they see when they re-list)."""
+        self._tasks.spawn(self._changes.publish(event))
 
     # --- HTTP ----------------------------------------------------------------------------------
 
@@ -205,25 +229,15 @@ class GatewayService:
                 await asyncio.sleep(0.01)
 
 
-def _internal_error(event: str, tool: str) -> MCPError:
-    """An unexpected failure, logged with its traceback; the client gets only the correlation id."""
-    correlation_id = uuid.uuid4().hex
-    log.exception(event, tool=tool, correlation_id=correlation_id)
-    return gateway_error(InternalError(correlation_id))
+def _version() -> str:
+    """toolbus's installed version, shown to clients as the server's."""
+    try:
+        return version("toolbus")
+    except PackageNotFoundError:  # run from a source tree without installing
+        return "0.0.0"
 
 
-def _header(ctx: ServerRequestContext[Any], name: str) -> str | None:
-    """A header of the HTTP request that carried this MCP request (None over other transports)."""
-    headers = getattr(ctx.request, "headers", None)
-    value = headers.get(name) if headers is not None else None
-    return str(value) if value else None
-
-
-def _priority(ctx: ServerRequestContext[Any]) -> int | None:
-    """`Toolbus-Priority` as a number; its range (0…3) is the router's to judge, as for any producer."""
-    raw = _header(ctx, Header.PRIORITY)
-    if raw is None:
-        return None
-    if not raw.isdigit():
-        raise InvalidRequest(f"{Header.PRIORITY} must be 0, 1, 2 or 3, not {raw[:20]!r}")
-    return int(raw)
+_LIST_CHANGED: dict[CatalogKind, ServerEvent] = {
+    CatalogKind.PROMPT: PromptsListChanged(), CatalogKind.RESOURCE: ResourcesListChanged(),
+    CatalogKind.TEMPLATE: ResourcesListChanged(),
+}

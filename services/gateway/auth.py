@@ -4,8 +4,8 @@ The gateway authenticates only to answer early (HTTP 401 before any MCP work) an
 `tools/list`; it forwards the caller's own key with every bus call, so the router
 authenticates and authorizes again and the gateway can never widen anyone's access.
 
-`services.router.policy` is imported here so key and role rules live in one place; it belongs
-in `shared/` once a third service needs it.
+Keys and roles are judged by `shared.policy`, the rules the router applies, so the two can
+never disagree.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 
-from services.router.policy import BEARER, authenticate
 from shared.config import Principal
 from shared.errors import Unauthenticated
+from shared.policy import BEARER, authenticate
 
 
 class ApiKeyVerifier:
@@ -40,8 +40,8 @@ class ApiKeyVerifier:
         return AccessToken(token=token, client_id=principal.name, scopes=[])
 
 
-def caller_key() -> str:
-    """The verified API key of the request being handled (the SDK's auth context holds it).
+def bearer_key() -> str:
+    """The verified API key of the HTTP request being handled (the SDK's auth context holds it).
 
     Only reachable without one if the app were mounted without the bearer middleware, so that
     case is refused rather than served anonymously.
@@ -52,6 +52,6 @@ def caller_key() -> str:
     return token.token
 
 
-def caller(principals_by_key_hash: Mapping[str, Principal]) -> Principal:
-    """The principal of the request being handled, against the current config."""
-    return authenticate(f"{BEARER}{caller_key()}", principals_by_key_hash)
+def caller(key: str, principals_by_key_hash: Mapping[str, Principal]) -> Principal:
+    """The principal owning `key`, against the current config (raises `Unauthenticated`)."""
+    return authenticate(f"{BEARER}{key}", principals_by_key_hash)

@@ -10,15 +10,16 @@ contract's `reason` and `call_id`, never internals).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import mcp_types as types
 from mcp.shared.exceptions import MCPError
 
-from services.router.policy import is_allowed  # the router's own rule, so the two can never disagree
 from shared.client import CallResult
 from shared.config import Principal, Role
-from shared.contracts import JsonRpcError, ToolSpec
+from shared.contracts import CatalogEntry, JsonRpcError, ToolSpec
 from shared.errors import ToolbusError
+from shared.policy import is_allowed  # the router's own rule, so the two can never disagree
 
 
 def mcp_tool(spec: ToolSpec) -> types.Tool:
@@ -40,15 +41,20 @@ def visible_tools(specs: Iterable[ToolSpec], principal: Principal, roles: Mappin
     return [mcp_tool(spec) for spec in sorted(allowed, key=lambda spec: spec.public_name)]
 
 
-def call_tool_result(result: CallResult) -> types.CallToolResult:
-    """The bus result of a call as the MCP result; a bus error is raised as the matching `MCPError`.
+def visible_entries(entries: Iterable[CatalogEntry], principal: Principal, roles: Mapping[str, Role],
+                    ) -> list[dict[str, Any]]:
+    """The backend's own definitions of the prompts, resources or templates a principal may use."""
+    return [entry.definition for entry in entries if is_allowed(principal, roles, entry.public_name)]
 
-    A tool's own failure (`isError: true`) is a result, not an error, as in MCP.
+
+def bus_result(result: CallResult) -> dict[str, Any]:
+    """The MCP result of a bus request as the backend gave it; a bus error is raised as the
+    matching `MCPError`. A tool's own failure (`isError: true`) is a result, not an error, as in MCP.
     """
     error = result.response.error
     if error is not None:
         raise bus_error(error)
-    return types.CallToolResult.model_validate(result.result)
+    return result.result
 
 
 def bus_error(error: JsonRpcError) -> MCPError:

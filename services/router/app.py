@@ -20,12 +20,13 @@ from services.router.budgeting import reserve_budget
 from services.router.decision import Decision, RoutingTable
 from shared.budget_client import BudgetClient
 from shared.bus import PullConsumer, PullSettings, connect, ensure_consumer, header, provision_streams
+from shared.catalog import CatalogIndex
 from shared.codec import pack
 from shared.config import Config
-from shared.contracts import CallStatus, EventKind, SetLimitRequest, ToolSpec, WorkItem
+from shared.contracts import CallStatus, CatalogEntry, EventKind, SetLimitRequest, ToolSpec, WorkItem
 from shared.errors import DeadlineExceeded, InternalError
 from shared.outcomes import Outcomes, error_response
-from shared.registry import Registry
+from shared.registry import TOOL_KEY_PREFIX, Registry, RegistryWatch
 from shared.subjects import CONTENT_MSGPACK, DEFAULT_PREFIX, Header, Stream, Subjects
 from shared.telemetry import call_span, trace_headers
 
@@ -76,9 +77,10 @@ class RouterService:
         registry = await Registry.open(js, create=True)
         config = await registry.get_config()
         await provision_streams(js, self._subjects, replicas=config.nats.replicas)  # never downgrade R3 to R1
-        self._table = RoutingTable(config, await registry.tools())
+        self._table = RoutingTable(config, await registry.tools(), catalog=CatalogIndex.of(await registry.catalog()))
         self._budget = BudgetClient(self._nc, self._subjects, config.accounting.timeout_s)
-        self._watch = asyncio.create_task(registry.watch(self._on_tool, self._on_config, self._on_budget_limits))
+        self._watch = asyncio.create_task(registry.watch(RegistryWatch(
+            self._on_config, self._on_tool, self._on_budget_limits, self._on_entry, self._on_removed)))
         self._backlog_task = asyncio.create_task(self._watch_backlog(js))
         self._outcomes = Outcomes(self._nc, js, self._subjects, source=self._settings.instance)
         await ensure_consumer(js, Stream.CALLS, ConsumerConfig(durable_name=DURABLE, ack_wait=self._settings.ack_wait_s,
@@ -112,6 +114,17 @@ class RouterService:
     def _on_tool(self, spec: ToolSpec) -> None:
         assert self._table is not None
         self._table.tools[spec.public_name] = spec
+
+    def _on_entry(self, key: str, entry: CatalogEntry) -> None:
+        assert self._table is not None
+        self._table.catalog.put(key, entry)
+
+    def _on_removed(self, key: str) -> None:
+        """A tool or catalog entry its backend no longer offers: calls to it become `unknown_tool`."""
+        assert self._table is not None
+        if key.startswith(TOOL_KEY_PREFIX):
+            self._table.tools.pop(key.removeprefix(TOOL_KEY_PREFIX), None)
+        self._table.catalog.remove(key)
 
     def _on_config(self, config: Config) -> None:
         assert self._table is not None and self._budget is not None

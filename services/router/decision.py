@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.router.policy import authenticate, authorize, index_principals, is_allowed
 from services.router.validation import (
     ArgumentValidators,
     IngressHeaders,
@@ -22,11 +21,21 @@ from services.router.validation import (
     request_id_of,
     usable_reply_to,
 )
+from shared.catalog import CatalogIndex
 from shared.config import Config, Principal
-from shared.contracts import SetLimitRequest, ToolCallRequest, ToolSpec, WorkItem
+from shared.contracts import (
+    CatalogEntry,
+    PromptGetRequest,
+    ResourceReadRequest,
+    SetLimitRequest,
+    ToolCallRequest,
+    ToolSpec,
+    WorkItem,
+)
 from shared.contracts.jsonrpc import RequestId
-from shared.errors import CallRefused, DeadlineExceeded, Overloaded, ToolbusError, UnknownTool
+from shared.errors import CallRefused, DeadlineExceeded, InvalidArguments, Overloaded, ToolbusError, UnknownTool
 from shared.outcomes import now_ms
+from shared.policy import authenticate, authorize, index_principals, is_allowed
 from shared.subjects import Header
 
 
@@ -55,6 +64,7 @@ class RoutingTable:
     validators: ArgumentValidators = field(default_factory=ArgumentValidators)
     backlog: dict[str, int] = field(default_factory=dict)  # pool → calls waiting in WORK, refreshed by the app
     runtime_limits: list[SetLimitRequest] = field(default_factory=list)  # set by `toolbus budget set`
+    catalog: CatalogIndex = field(default_factory=CatalogIndex)  # backends' prompts, resources, templates
 
     def __post_init__(self) -> None:
         self._principals = index_principals(self.config.principals)
@@ -63,11 +73,11 @@ class RoutingTable:
 
     def with_config(self, config: Config) -> RoutingTable:
         """The same tools under a new config."""
-        return RoutingTable(config, self.tools, self.validators, self.backlog, self.runtime_limits)
+        return RoutingTable(config, self.tools, self.validators, self.backlog, self.runtime_limits, self.catalog)
 
     def with_runtime_limits(self, limits: list[SetLimitRequest]) -> RoutingTable:
         """The same table once a limit was set at runtime."""
-        return RoutingTable(self.config, self.tools, self.validators, self.backlog, limits)
+        return RoutingTable(self.config, self.tools, self.validators, self.backlog, limits, self.catalog)
 
     def is_budgeted(self, scopes: list[str]) -> bool:
         """True if a spend or rate limit may apply to these scopes, so the call must be reserved.
@@ -91,6 +101,9 @@ class RoutingTable:
 
     def _route(self, decision: Decision, headers: Mapping[str, str], body: bytes) -> None:
         request = parse_body(body, self.config.limits)
+        if not isinstance(request, ToolCallRequest):
+            self._route_catalog(decision, headers, request)
+            return
         decision.request_id, decision.tool = request.id, request.params.name
         decision.arguments = request.params.arguments
         ingress = parse_headers(headers, decision.call_id)
@@ -101,12 +114,51 @@ class RoutingTable:
         if spec is None:
             raise UnknownTool(f"no tool named {request.params.name!r}")
         self.validators.validate(spec, request.params.arguments)
-        if ingress.deadline_ms is not None and ingress.deadline_ms <= now_ms():
-            raise DeadlineExceeded("the call's deadline passed before it was routed")
+        self._check_deadline(ingress)
         self._check_backlog(spec.pool)
         decision.scopes = principal.budget_scopes()
         decision.economy = self._economy(spec, principal, request.params.arguments)
         decision.work = self._work_item(request, ingress, spec, principal.name)
+
+    def _route_catalog(
+        self, decision: Decision, headers: Mapping[str, str], request: ResourceReadRequest | PromptGetRequest
+    ) -> None:
+        """A prompt or resource: the same checks as a tool, found by prompt name or resource URI."""
+        decision.request_id = request.id
+        ingress = parse_headers(headers, decision.call_id)
+        principal = authenticate(ingress.authorization, self._principals)
+        decision.principal = principal.name
+        if isinstance(request, PromptGetRequest):
+            decision.tool, decision.arguments = request.params.name, dict(request.params.arguments)
+            authorize(principal, self.config.roles, request.params.name)  # by name, before it is looked up
+            entry = self.catalog.prompt(request.params.name)
+            if entry is None:
+                raise UnknownTool(f"no prompt named {request.params.name!r}")
+            check_prompt_arguments(entry, request.params.arguments)
+            target = entry.name
+        else:
+            decision.tool, decision.arguments = request.params.uri, None
+            entry = self.catalog.resource(request.params.uri)
+            if entry is None:
+                raise UnknownTool(f"no resource with URI {request.params.uri[:200]!r}")
+            decision.tool = entry.public_name
+            authorize(principal, self.config.roles, entry.public_name)
+            target = request.params.uri
+        self._check_deadline(ingress)
+        self._check_backlog(entry.pool)
+        decision.scopes = principal.budget_scopes()
+        decision.work = WorkItem(
+            call_id=ingress.call_id, request_id=request.id, method=request.method, public_tool=entry.public_name,
+            server=entry.server, tool=target, pool=entry.pool, arguments=decision.arguments or {},
+            meta=request.params.meta, principal=principal.name, priority=ingress.priority,
+            deadline_ms=ingress.deadline_ms, reply_to=ingress.reply_to, session=None,  # only tool results are filed
+            accepted_at_ms=now_ms(),
+        )
+
+    @staticmethod
+    def _check_deadline(ingress: IngressHeaders) -> None:
+        if ingress.deadline_ms is not None and ingress.deadline_ms <= now_ms():
+            raise DeadlineExceeded("the call's deadline passed before it was routed")
 
     def _economy(self, spec: ToolSpec, principal: Principal, arguments: dict[str, Any]) -> ToolSpec | None:
         """The configured economy alternative, if it is registered, allowed and takes these arguments."""
@@ -146,3 +198,11 @@ class RoutingTable:
             session=ingress.session,
             accepted_at_ms=now_ms(),
         )
+
+
+def check_prompt_arguments(entry: CatalogEntry, arguments: Mapping[str, str]) -> None:
+    """Refuse a `prompts/get` that leaves out an argument the prompt declares as required."""
+    declared = entry.definition.get("arguments") or []
+    missing = [a["name"] for a in declared if isinstance(a, dict) and a.get("required") and a["name"] not in arguments]
+    if missing:
+        raise InvalidArguments(f"prompt {entry.public_name} requires argument(s) {', '.join(missing)}")

@@ -15,7 +15,13 @@ from jsonschema.protocols import Validator
 from pydantic import ValidationError
 
 from shared.config import LimitsConfig
-from shared.contracts import ToolCallRequest, ToolSpec
+from shared.contracts import (
+    BUS_METHODS,
+    PromptGetRequest,
+    ResourceReadRequest,
+    ToolCallRequest,
+    ToolSpec,
+)
 from shared.contracts.context import SESSION_ID_PATTERN
 from shared.errors import InvalidArguments, InvalidRequest, ParseError, first_problem
 from shared.subjects import Header
@@ -27,6 +33,8 @@ SUBJECT = re.compile(r"[^\s*>]+")
 SESSION_ID = re.compile(SESSION_ID_PATTERN.removeprefix("^").removesuffix("$"))
 EPOCH_MS = re.compile(r"[0-9]{1,16}")  # ASCII only: str.isdigit() accepts superscripts and other scripts' digits
 DEFAULT_PRIORITY = 2
+_REQUEST_MODELS: dict[str, type[ToolCallRequest | ResourceReadRequest | PromptGetRequest]] = {
+    "tools/call": ToolCallRequest, "resources/read": ResourceReadRequest, "prompts/get": PromptGetRequest}
 
 log = structlog.get_logger(__name__)
 
@@ -96,8 +104,8 @@ def usable_reply_to(raw: str | None) -> str | None:
     return raw if raw and SUBJECT.fullmatch(raw) else None
 
 
-def parse_body(body: bytes, limits: LimitsConfig) -> ToolCallRequest:
-    """Decode a `tools/call` request within the size and nesting limits."""
+def parse_body(body: bytes, limits: LimitsConfig) -> ToolCallRequest | ResourceReadRequest | PromptGetRequest:
+    """Decode a `tools/call`, `resources/read` or `prompts/get` request within the size and nesting limits."""
     if len(body) > limits.max_body_bytes:
         raise InvalidArguments(
             f"request body is {len(body)} bytes, the limit is {limits.max_body_bytes}",
@@ -106,10 +114,13 @@ def parse_body(body: bytes, limits: LimitsConfig) -> ToolCallRequest:
     decoded = _decode_json(body, limits)
     if json_depth(decoded) > limits.max_depth:
         raise InvalidArguments(f"request nests deeper than {limits.max_depth} levels", max_depth=limits.max_depth)
+    method = decoded.get("method") if isinstance(decoded, dict) else None
+    if method not in BUS_METHODS:
+        raise InvalidRequest(f"method must be one of {', '.join(BUS_METHODS)}, not {str(method)[:40]!r}")
     try:
-        return ToolCallRequest.model_validate(decoded)
+        return _REQUEST_MODELS[method].model_validate(decoded)
     except ValidationError as error:
-        raise InvalidRequest(f"not a valid MCP tools/call request: {first_problem(error, 'body')}") from None
+        raise InvalidRequest(f"not a valid MCP {method} request: {first_problem(error, 'body')}") from None
 
 
 def _decode_json(body: bytes, limits: LimitsConfig) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from shared.cli import audit, budget, calls, config_cmd, ctx, demo, dlq, scale, status, up
+from shared.cli import audit, budget, calls, config_cmd, ctx, demo, dlq, gateway, scale, status, up
 
 app = typer.Typer(help="toolbus: MCP tool calls over NATS.", no_args_is_help=True, add_completion=False)
 app.command("up")(up.up)
@@ -12,6 +12,7 @@ app.command("call")(calls.call)
 app.command("tools")(calls.tools)
 app.command("demo")(demo.demo)
 app.command("status")(status.status)
+app.command("gateway")(gateway.gateway)
 app.command("scale")(scale.scale)
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(budget.app, name="budget")

@@ -58,9 +58,23 @@ from shared.contracts.context import (
     SessionSummary,
 )
 from shared.contracts.events import CallStatus, Event, EventKind
-from shared.contracts.jsonrpc import ErrorData, JsonRpcError, ToolCallParams, ToolCallRequest, ToolCallResponse
+from shared.contracts.jsonrpc import (
+    BUS_METHODS,
+    BusRequest,
+    ErrorData,
+    JsonRpcError,
+    PromptGetParams,
+    PromptGetRequest,
+    ResourceReadParams,
+    ResourceReadRequest,
+    ToolCallParams,
+    ToolCallRequest,
+    ToolCallResponse,
+)
 from shared.contracts.registry import (
     BreakerView,
+    CatalogEntry,
+    CatalogKind,
     RuntimeInfo,
     ScaleReply,
     ScaleRequest,
@@ -71,6 +85,7 @@ from shared.contracts.registry import (
 from shared.contracts.work import Attempt, DeadLetter, WorkItem
 
 __all__ = [
+    "BUS_METHODS",
     "Activity",
     "AdminReply",
     "AppendBlocks",
@@ -85,7 +100,10 @@ __all__ = [
     "BlockType",
     "BreakerView",
     "BudgetHold",
+    "BusRequest",
     "CallStatus",
+    "CatalogEntry",
+    "CatalogKind",
     "ChangeReply",
     "ContextFailure",
     "ContextReply",
@@ -104,6 +122,8 @@ __all__ = [
     "LedgerReply",
     "NewBlock",
     "Outcome",
+    "PromptGetParams",
+    "PromptGetRequest",
     "PruneSession",
     "RebuildRequest",
     "Refusal",
@@ -115,6 +135,8 @@ __all__ = [
     "RescoreSession",
     "ReserveReply",
     "ReserveRequest",
+    "ResourceReadParams",
+    "ResourceReadRequest",
     "ResultDigest",
     "RuntimeInfo",
     "ScaleReply",

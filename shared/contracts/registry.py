@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,6 +22,33 @@ class ToolSpec(BaseModel):
     input_schema: dict[str, Any] = Field(description="The backend's JSON Schema for arguments.")
     output_schema: dict[str, Any] | None = None
     annotations: dict[str, Any] | None = None
+    registered_at_ms: int
+
+
+class CatalogKind(StrEnum):
+    """What else than tools a backend offers, each listed and used through the bus."""
+
+    PROMPT = "prompt"
+    RESOURCE = "resource"
+    TEMPLATE = "template"  # a resource template: reads of URIs it matches go to its server
+
+
+class CatalogEntry(BaseModel):
+    """A backend's prompt, resource or resource template, published by the executor that serves it
+    (KV key `<kind>s.<server>.<digest>`; see `shared.registry.catalog_key`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: CatalogKind
+    public_name: str = Field(description="`<prefix>__<name>` like a tool's: what roles allow or deny.")
+    server: str
+    pool: str
+    name: str = Field(description="Name as the backend knows it.")
+    uri: str | None = Field(default=None, description="A resource's URI or a template's URI template, unchanged.")
+    definition: dict[str, Any] = Field(
+        description="The backend's MCP object (Prompt, Resource or ResourceTemplate) as its list shows it, "
+        "with `name` replaced by the public name."
+    )
     registered_at_ms: int
 
 

@@ -17,9 +17,10 @@ class WorkItem(BaseModel):
 
     call_id: str = Field(description="Idempotency key end to end (the producer's Nats-Msg-Id).")
     request_id: RequestId = Field(description="The producer's JSON-RPC id, echoed in the result.")
-    public_tool: str = Field(description="Tool name as the producer called it.")
+    method: str = Field(default="tools/call", description="`tools/call`, `resources/read` or `prompts/get`.")
+    public_tool: str = Field(description="Public name of the tool, prompt or resource the producer asked for.")
     server: str = Field(description="Backend server name in the config.")
-    tool: str = Field(description="Tool name as the backend knows it.")
+    tool: str = Field(description="What the backend knows it as: tool name, prompt name or resource URI.")
     pool: str
     arguments: dict[str, Any] = Field(default_factory=dict)
     meta: dict[str, Any] | None = Field(default=None, description="The request's MCP _meta.")

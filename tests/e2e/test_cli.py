@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from shared.config import hash_api_key
 from shared.mesh import free_port
@@ -53,12 +57,25 @@ def test_config_check_accepts_the_shipped_configs() -> None:
 
 
 def test_up_writes_runtime_json(running_mesh: tuple[Path, dict[str, object]]) -> None:
-    """runtime.json names the NATS and Redis URLs, the gateway (null for now) and the live pid."""
+    """runtime.json names the NATS and Redis URLs, the MCP gateway and the live pid."""
     _data_dir, runtime = running_mesh
     assert str(runtime["nats_url"]).startswith("nats://127.0.0.1:")
     assert str(runtime["redis_url"]).startswith("redis://127.0.0.1:")
-    assert runtime["gateway_url"] is None
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/mcp", str(runtime["gateway_url"]))
     os.kill(int(str(runtime["pid"])), 0)  # raises if the process is gone
+
+
+async def test_the_gateway_toolbus_up_starts_serves_mcp_clients(running_mesh: tuple[Path, dict[str, object]]) -> None:
+    """The `gateway_url` of runtime.json is a working MCP endpoint: the admin's key lists and calls tools."""
+    _data_dir, runtime = running_mesh
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as http,
+        Client(streamable_http_client(str(runtime["gateway_url"]), http_client=http)) as client,
+    ):
+        listed = {tool.name for tool in (await client.list_tools()).tools}
+        echoed = await client.call_tool("demo__echo", {"text": "via toolbus up"})
+    assert {"demo__echo", "time__get_current_time"} <= listed
+    assert echoed.structured_content == {"result": "via toolbus up"}
 
 
 def test_call_prints_the_result(running_mesh: tuple[Path, dict[str, object]]) -> None:

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 def external_config(git_repo: Path, nats: NatsServer, redis: RedisServer) -> Config:
     demo_only = make_config(git_repo).model_dump(mode="json")
     demo_only["servers"] = {"demo": demo_only["servers"]["demo"]}
-    demo_only.update(nats={"url": nats.url}, redis={"url": redis.url})
+    demo_only.update(nats={"url": nats.url}, redis={"url": redis.url}, gateway={"port": 0})
     return Config.model_validate(demo_only)
 
 

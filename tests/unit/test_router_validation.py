@@ -26,7 +26,7 @@ from services.router.validation import (
     usable_reply_to,
 )
 from shared.config import LimitsConfig
-from shared.contracts import ToolSpec
+from shared.contracts import PromptGetRequest, ResourceReadRequest, ToolCallRequest, ToolSpec
 from shared.errors import InvalidArguments, InvalidRequest, ParseError
 from shared.ids import new_call_id
 from shared.subjects import Header
@@ -213,8 +213,8 @@ def test_missing_reply_to_is_not_usable(raw: str | None) -> None:
 
 def test_valid_body_parses_into_a_request() -> None:
     """A well-formed tools/call body becomes a ToolCallRequest with its id, tool name and arguments."""
-    parsed = parse_body(encode(request(params={"name": "demo__echo", "arguments": {"text": "hi"},
-                                               "_meta": {"progressToken": 3}})), LIMITS)
+    parsed = parse_call(encode(request(params={"name": "demo__echo", "arguments": {"text": "hi"},
+                                               "_meta": {"progressToken": 3}})))
     assert parsed.id == 7
     assert parsed.params.name == "demo__echo"
     assert parsed.params.arguments == {"text": "hi"}
@@ -228,7 +228,7 @@ def test_string_request_id_is_kept_as_string() -> None:
 
 def test_arguments_default_to_empty() -> None:
     """A call without `arguments` has empty arguments."""
-    assert parse_body(encode(request(params={"name": "demo__echo"})), LIMITS).params.arguments == {}
+    assert parse_call(encode(request(params={"name": "demo__echo"}))).params.arguments == {}
 
 
 def test_body_at_the_size_limit_is_accepted() -> None:
@@ -237,7 +237,7 @@ def test_body_at_the_size_limit_is_accepted() -> None:
     filler = "x" * (LIMITS.max_body_bytes - len(base))
     padded = encode(request(params={"name": "demo__echo", "arguments": {"text": filler}}))
     assert len(padded) == LIMITS.max_body_bytes
-    assert parse_body(padded, LIMITS).params.arguments["text"].startswith("x")
+    assert parse_call(padded).params.arguments["text"].startswith("x")
 
 
 def test_body_over_the_size_limit_is_invalid_arguments() -> None:
@@ -316,7 +316,7 @@ def test_body_at_the_depth_limit_is_accepted() -> None:
         nested = [nested]
     body = encode(request(params={"name": "demo__echo", "arguments": {"deep": nested}}))
     assert json_depth(json.loads(body)) == LIMITS.max_depth
-    assert parse_body(body, LIMITS).params.arguments["deep"] == nested
+    assert parse_call(body).params.arguments["deep"] == nested
 
 
 def test_very_deep_valid_json_is_refused_for_depth_not_as_unparseable() -> None:
@@ -377,7 +377,7 @@ def test_boolean_request_id_is_invalid_request(request_id: bool) -> None:
 
 def test_extra_params_members_are_allowed() -> None:
     """Unknown members inside `params` are tolerated (MCP may add some)."""
-    parsed = parse_body(encode(request(params={"name": "a", "task": {"ttl": 1}})), LIMITS)
+    parsed = parse_call(encode(request(params={"name": "a", "task": {"ttl": 1}})))
     assert parsed.params.name == "a"
 
 
@@ -623,3 +623,34 @@ def test_sloppy_schema_never_raises_anything_but_invalid_arguments(
     """A sloppy backend schema either accepts the arguments or refuses them as `invalid_arguments`, never crashes."""
     with contextlib.suppress(InvalidArguments):
         ArgumentValidators().validate(spec(schema), arguments)
+
+
+def parse_call(body: bytes) -> ToolCallRequest:
+    """`parse_body` of a body that must be a `tools/call`."""
+    parsed = parse_body(body, LIMITS)
+    assert isinstance(parsed, ToolCallRequest)
+    return parsed
+
+
+def test_resource_reads_and_prompt_gets_are_parsed_as_such() -> None:
+    """The bus also carries `resources/read` and `prompts/get`, each as its own request model."""
+    read = parse_body(encode({"jsonrpc": "2.0", "id": 1, "method": "resources/read",
+                              "params": {"uri": "demo://readme"}}), LIMITS)
+    got = parse_body(encode({"jsonrpc": "2.0", "id": 2, "method": "prompts/get",
+                             "params": {"name": "demo__review", "arguments": {"code": "x"}}}), LIMITS)
+    assert isinstance(read, ResourceReadRequest) and read.params.uri == "demo://readme"
+    assert isinstance(got, PromptGetRequest) and got.params.arguments == {"code": "x"}
+
+
+@pytest.mark.parametrize("method", ["tools/list", "resources/list", "", None, 7])
+def test_other_methods_are_refused_naming_the_ones_the_bus_carries(method: object) -> None:
+    with pytest.raises(InvalidRequest, match="method must be one of tools/call, resources/read, prompts/get"):
+        parse_body(encode({"jsonrpc": "2.0", "id": 1, "method": method, "params": {}}), LIMITS)
+
+
+def test_prompt_arguments_must_be_strings() -> None:
+    """MCP prompt arguments are strings; a number is refused naming the argument."""
+    body = encode({"jsonrpc": "2.0", "id": 1, "method": "prompts/get",
+                   "params": {"name": "demo__review", "arguments": {"code": 1}}})
+    with pytest.raises(InvalidRequest, match=r"params\.arguments\.code"):
+        parse_body(body, LIMITS)

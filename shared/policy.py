@@ -1,4 +1,8 @@
-"""Who may call what: API-key authentication and role allow/deny globs."""
+"""Who may call what: API-key authentication and role allow/deny globs.
+
+The router enforces these rules on every call; the gateway applies the same ones to decide
+what a caller is shown. Prompts and resources are judged by their public names, like tools.
+"""
 
 from __future__ import annotations
 

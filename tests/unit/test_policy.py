@@ -1,12 +1,12 @@
-"""Unit tests for services.router.policy: API-key authentication and role allow/deny globs."""
+"""Unit tests for shared.policy: API-key authentication and role allow/deny globs."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.router.policy import authenticate, authorize, index_principals, is_allowed
 from shared.config import Principal, Role, hash_api_key
 from shared.errors import CallRefused, Forbidden, Reason, Unauthenticated
+from shared.policy import authenticate, authorize, index_principals, is_allowed
 
 pytestmark = pytest.mark.unit
 
