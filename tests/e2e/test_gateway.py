@@ -519,3 +519,14 @@ async def test_stdio_gateway_refuses_an_unknown_key_at_once(running: GatewayMesh
     assert done.returncode == 2
     assert "unknown API key" in done.stderr
     assert done.stdout == "", "stdout is the MCP channel: nothing else may be written there"
+
+
+async def test_a_request_body_over_the_limit_gets_413(running: GatewayMesh) -> None:
+    """A body larger than `max_request_body_bytes` is refused with HTTP 413 before any MCP work, key or not."""
+    limit = GatewaySettings("nats://unused").max_request_body_bytes
+    huge = json.loads(json.dumps(INITIALIZE))
+    huge["params"]["padding"] = "x" * (limit + 1)
+    headers = MCP_ACCEPT | {"Authorization": f"Bearer {ALICE_KEY}"}
+    async with httpx2.AsyncClient(timeout=10) as http:
+        response = await http.post(running.url, json=huge, headers=headers)
+    assert response.status_code == 413
