@@ -21,8 +21,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx2
 import nats
 import typer
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from nats.aio.client import Client as NatsClient
 from rich.console import Console
 from rich.progress import Progress
@@ -75,7 +78,8 @@ def demo(
     for outcome in wrong:
         console.print(f"[red]{outcome.call.tool}: expected {outcome.call.expect}, got {outcome.status}[/red]")
     if not audit_ok:
-        console.print("[red]demo failed: the audit log did not verify, or the context handoff differed[/red]")
+        console.print("[red]demo failed: the audit log did not verify, the context handoff differed, "
+                      "or the gateway did not work[/red]")
     console.print(f"[green]demo ok: {len(outcomes)} calls, every one ended as expected, context handed off, "
                   "audit log verified[/green]"
                   if not wrong and audit_ok else f"[red]demo failed: {len(wrong)} calls ended unexpectedly[/red]")
@@ -93,11 +97,34 @@ async def run_demo(rounds: int, concurrency: int) -> tuple[list[Outcome], bool]:
             outcomes = await run_batch(info.nats_url, plan(repo, rounds), concurrency)
             outcomes += await run_budgeted(info.nats_url)
             handoff, handoff_ok = await run_handoff(info.nats_url, repo)
+            gateway_ok = await run_gateway(str(info.gateway_url), repo)
             log_key = SigningKey.parse(audit_key_path(mesh.config, mesh.data_dir).read_text()).verifier
-            return outcomes + handoff, await verify_audit(info.nats_url, log_key) and handoff_ok
+            audit_ok = await verify_audit(info.nats_url, log_key)
+            return outcomes + handoff, audit_ok and handoff_ok and gateway_ok
         finally:
             with console.status("stopping the mesh…"):
                 await mesh.stop()
+
+
+async def run_gateway(url: str, repo: Path) -> bool:
+    """An MCP client (the official SDK) uses the mesh through the gateway: lists the demo role's tools,
+    gets progress from a long tool and reads git history; True if all of it worked."""
+    steps: list[float] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        steps.append(progress)
+
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {DEMO_KEY}"}, timeout=30) as http,
+        Client(streamable_http_client(url, http_client=http)) as client,
+    ):
+        tools = (await client.list_tools()).tools
+        await client.call_tool("demo__progress", {"steps": 4, "delay_ms": 20}, progress_callback=on_progress)
+        log = await client.call_tool("git__git_log", {"repo_path": str(repo), "max_count": 2})
+    ok = steps == [1, 2, 3, 4] and not log.is_error and "demo__crash" not in {t.name for t in tools}
+    console.print(f"gateway: MCP client at {url} saw {len(tools)} tools for its role, {len(steps)} progress "
+                  f"notifications, git history over the bus{'' if ok else ' [red](unexpected)[/red]'}")
+    return ok
 
 
 async def verify_audit(nats_url: str, log_key: VerifierKey) -> bool:
@@ -278,6 +305,7 @@ def demo_config(repo: Path) -> Config:
                   "demo__summarize": {"cost_usd": "0.0005", "model": "demo-extractive-1", "max_tokens": 64}},
         "models": {"demo-extractive-1": {"input_usd_per_mtok": 1, "output_usd_per_mtok": 4}},
         "audit": {"checkpoint_interval_s": 0.5},
+        "gateway": {"port": 0},  # any free port: 8765 may be taken by a `make up`
         "budgets": [
             {"scope": "org:local", "limit_usd": 100, "window": "month", "alert_at": [0.8, 0.95]},
             {"scope": "user:demo", "limit_usd": 5, "window": "day"},
