@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration e2e chaos bench up contracts clean
+.PHONY: demo test lint typecheck unit integration e2e chaos bench up contracts conformance clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check shared services tests bench
+	$(BIN)/ruff check shared services tests bench scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -42,6 +42,13 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.budget
 	$(BIN)/python -m bench.audit
 	$(BIN)/python -m bench.context
+	$(BIN)/python -m bench.gateway
+
+# The MCP conformance suite through the gateway and against its backend directly, compared;
+# setup.sh installs Node 22 and the suite under .tools/ (once). Results: bench/results/conformance.json.
+conformance: $(STAMP)
+	bash scripts/conformance/setup.sh
+	$(BIN)/python scripts/conformance/gateway.py
 
 clean:
 	rm -rf $(VENV) .toolbus .mypy_cache .ruff_cache
