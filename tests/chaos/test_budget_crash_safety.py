@@ -80,10 +80,11 @@ async def test_executor_killed_with_calls_in_flight_returns_their_holds_exactly_
     try:
         await worker.wait_ready()
         await nc.subscribe(f"{prefix}.evt.budget.released", cb=on_released)
-        started = await nc.subscribe(f"{prefix}.evt.call.started")
         async with ToolbusClient(nats_server.url, KEY, prefix=prefix) as client:
             done = await asyncio.gather(*(client.call("demo__echo", {"text": "paid"}) for _ in range(5)))
             assert [r.status.value for r in done] == ["ok"] * 5
+            # Subscribed only now: the echo calls' own `call.started` events must not count as sleeps started.
+            started = await nc.subscribe(f"{prefix}.evt.call.started")
             in_flight = [await client.submit("demo__sleep_ms", {"ms": 8000}) for _ in range(6)]
             for _ in in_flight:
                 await started.next_msg(timeout=30)
