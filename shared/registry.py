@@ -42,6 +42,11 @@ def tool_key(public_name: str) -> str:
     return f"{TOOL_KEY_PREFIX}{public_name}"
 
 
+def tool_named_by(key: str) -> str | None:
+    """The public name of the tool a KV key holds, None for any other key."""
+    return key.removeprefix(TOOL_KEY_PREFIX) if key.startswith(TOOL_KEY_PREFIX) else None
+
+
 def catalog_key(kind: CatalogKind, server: str, identity: str) -> str:
     """KV key of a prompt, resource or template: `<kind>s.<server>.<digest>`.
 
@@ -116,10 +121,8 @@ class Registry:
 
     async def catalog(self) -> dict[str, CatalogEntry]:
         """Every registered prompt, resource and template by KV key."""
-        entries: dict[str, CatalogEntry] = {}
-        for prefix in CATALOG_KEY_PREFIXES.values():
-            entries |= {k: CatalogEntry.model_validate_json(v) for k, v in (await self._values(prefix)).items()}
-        return entries
+        values = await self._values(*CATALOG_KEY_PREFIXES.values())
+        return {key: CatalogEntry.model_validate_json(value) for key, value in values.items()}
 
     async def remove_stale(self, server: str, current: set[str]) -> list[str]:
         """Delete the tools and catalog entries of `server` whose keys are not in `current`."""
@@ -130,12 +133,13 @@ class Registry:
             await self._kv.delete(key)
         return removed
 
-    async def _values(self, prefix: str) -> dict[str, bytes]:
+    async def _values(self, *prefixes: str) -> dict[str, bytes]:
+        """The entries whose keys start with any of `prefixes` (one key listing, reads in parallel)."""
         try:
             keys = await self._kv.keys()
         except NoKeysError:  # an empty bucket
             return {}
-        wanted = [key for key in keys if key.startswith(prefix)]
+        wanted = [key for key in keys if key.startswith(prefixes)]
         entries = await asyncio.gather(*(self._kv.get(key) for key in wanted), return_exceptions=True)
         # an entry deleted between listing and reading is simply gone
         return {key: e.value for key, e in zip(wanted, entries, strict=True) if not isinstance(e, BaseException)

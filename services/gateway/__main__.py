@@ -5,11 +5,14 @@ from shared.service import common_args, common_parser, run_service
 
 
 def main() -> None:
+    defaults = GatewaySettings(nats_url="")
     parser = common_parser("gateway", "Serve every tool of the mesh to MCP clients, with each caller's own key.")
-    parser.add_argument("--host", default="127.0.0.1", help="MCP listen address (loopback turns on Origin checks)")
-    parser.add_argument("--port", type=int, default=8765, help="MCP listen port (0: any free port)")
-    parser.add_argument("--max-request-body-bytes", type=int, default=1024 * 1024, help="larger bodies get 413")
-    parser.add_argument("--call-timeout-s", type=float, default=300.0, help="deadline of calls that set none")
+    parser.add_argument("--host", default=defaults.host, help="MCP listen address (loopback turns on Origin checks)")
+    parser.add_argument("--port", type=int, default=defaults.port, help="MCP listen port (0: any free port)")
+    parser.add_argument("--max-request-body-bytes", type=int, default=defaults.max_request_body_bytes,
+                        help="larger bodies get 413")
+    parser.add_argument("--call-timeout-s", type=float, default=defaults.call_timeout_s,
+                        help="deadline of calls that set none")
     namespace = parser.parse_args()
     args = common_args(namespace)
     settings = GatewaySettings(args.nats_url, args.prefix, args.instance, namespace.host, namespace.port,

@@ -32,7 +32,6 @@ from mcp.server.subscriptions import (
     ServerEvent,
     ToolsListChanged,
 )
-from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE
 from nats.aio.client import Client as NatsClient
 from starlette.applications import Starlette
 
@@ -41,10 +40,10 @@ from services.gateway.frontend import McpFrontend, MeshView
 from shared.bus import connect
 from shared.catalog import CatalogIndex
 from shared.client import ToolbusClient
-from shared.config import Config
+from shared.config import Config, GatewayConfig
 from shared.contracts import CatalogEntry, CatalogKind, ToolSpec
 from shared.policy import index_principals
-from shared.registry import TOOL_KEY_PREFIX, Registry, RegistryWatch
+from shared.registry import Registry, RegistryWatch, tool_named_by
 from shared.service import BackgroundTasks
 from shared.subjects import DEFAULT_PREFIX
 
@@ -53,6 +52,7 @@ log = structlog.get_logger(__name__)
 MCP_PATH = "/mcp"
 STARTUP_TIMEOUT_S = 10.0
 STOP_TASKS_S = 5.0
+_DEFAULTS = GatewayConfig()  # the `gateway:` section's defaults are the service's too
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,10 @@ class GatewaySettings:
     nats_url: str
     prefix: str = DEFAULT_PREFIX
     instance: str = "gateway"
-    host: str = "127.0.0.1"
-    port: int = 8765
-    call_timeout_s: float = 300.0  # the deadline of a call whose client sets none
-    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_SIZE
+    host: str = _DEFAULTS.host
+    port: int = _DEFAULTS.port
+    call_timeout_s: float = _DEFAULTS.call_timeout_s  # the deadline of a call whose client sets none
+    max_request_body_bytes: int = _DEFAULTS.max_request_body_bytes
 
 
 class _ServerWithoutSignals(uvicorn.Server):
@@ -198,8 +198,8 @@ class GatewayService:
             self._announce(_LIST_CHANGED[entry.kind])
 
     def _on_removed(self, key: str) -> None:
-        if key.startswith(TOOL_KEY_PREFIX):
-            if self._view.tools.pop(key.removeprefix(TOOL_KEY_PREFIX), None) is not None:
+        if (tool := tool_named_by(key)) is not None:
+            if self._view.tools.pop(tool, None) is not None:
                 self._announce(ToolsListChanged())
         elif (entry := self._view.catalog.entries.get(key)) is not None:
             self._view.catalog.remove(key)

@@ -26,7 +26,7 @@ from shared.config import Config
 from shared.contracts import CallStatus, CatalogEntry, EventKind, SetLimitRequest, ToolSpec, WorkItem
 from shared.errors import DeadlineExceeded, InternalError
 from shared.outcomes import Outcomes, error_response
-from shared.registry import TOOL_KEY_PREFIX, Registry, RegistryWatch
+from shared.registry import Registry, RegistryWatch, tool_named_by
 from shared.subjects import CONTENT_MSGPACK, DEFAULT_PREFIX, Header, Stream, Subjects
 from shared.telemetry import call_span, trace_headers
 
@@ -122,8 +122,8 @@ class RouterService:
     def _on_removed(self, key: str) -> None:
         """A tool or catalog entry its backend no longer offers: calls to it become `unknown_tool`."""
         assert self._table is not None
-        if key.startswith(TOOL_KEY_PREFIX):
-            self._table.tools.pop(key.removeprefix(TOOL_KEY_PREFIX), None)
+        if (tool := tool_named_by(key)) is not None:
+            self._table.tools.pop(tool, None)
         self._table.catalog.remove(key)
 
     def _on_config(self, config: Config) -> None:
