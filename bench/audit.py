@@ -51,6 +51,7 @@ def bench_config(*, audit: bool, prefix: str = "toolbus") -> Config:
         "principals": [{"name": "bench", "key_sha256": hash_api_key(KEY), "roles": ["all"],
                         "scope": {"org": "bench", "user": "bench"}}],
         "roles": {"all": {"allow": ["*"]}},
+        "gateway": {"enabled": False},  # not measured here; 8765 may be taken by a `make up`
         "accounting": {"enabled": False},
         "audit": {"enabled": audit},
     }, source="<bench>")

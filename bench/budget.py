@@ -45,6 +45,7 @@ def bench_config(*, accounting: bool) -> Config:
         "principals": [{"name": "bench", "key_sha256": hash_api_key(KEY), "roles": ["all"],
                         "scope": {"org": "bench", "user": "bench"}}],
         "roles": {"all": {"allow": ["*"]}},
+        "gateway": {"enabled": False},  # not measured here; 8765 may be taken by a `make up`
         "tools": {"demo__echo": {"cost_usd": "0.0001"}},
         "budgets": [{"scope": "org:bench", "limit_usd": 1_000_000, "window": "month", "alert_at": [0.8]},
                     {"scope": "user:bench", "limit_usd": 1_000_000, "window": "day"},

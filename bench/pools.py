@@ -37,6 +37,7 @@ def pool_config(workers: int, concurrency: int) -> Config:
         "pools": {"default": {"workers": workers, "concurrency": concurrency, "max_backlog": 100_000}},
         "principals": [{"name": "bench", "key_sha256": hash_api_key(KEY), "roles": ["all"]}],
         "roles": {"all": {"allow": ["*"]}},
+        "gateway": {"enabled": False},  # not measured here; 8765 may be taken by a `make up`
     }, source="<bench>")
 
 

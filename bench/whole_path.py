@@ -33,6 +33,7 @@ def bench_config() -> Config:
         "pools": {"default": {"workers": 1, "concurrency": 64}},
         "principals": [{"name": "bench", "key_sha256": hash_api_key(KEY), "roles": ["all"]}],
         "roles": {"all": {"allow": ["*"]}},
+        "gateway": {"enabled": False},  # not measured here; 8765 may be taken by a `make up`
     }, source="<bench>")
 
 
