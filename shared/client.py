@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 import nats
+import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -38,13 +39,34 @@ from shared.ids import new_call_id
 from shared.subjects import CONTENT_JSON, DEFAULT_PREFIX, Header, Stream, Subjects
 from shared.telemetry import trace_headers, tracer
 
+log = structlog.get_logger(__name__)
+
 DEFAULT_TIMEOUT_S = 60.0
+INTERNAL_ERROR = -32603
 # What a request to JetStream raises while nats-server restarts or JetStream is still recovering.
 _BUS_AWAY = (NatsTimeoutError, NoRespondersError, ServiceUnavailableError)
 
 
 ProgressCallback = Callable[[dict[str, Any]], Awaitable[None]]
 """Receives the `params` of one `notifications/progress` a running tool sent."""
+
+LogCallback = Callable[[dict[str, Any]], Awaitable[None]]
+"""Receives the `params` (`level`, `logger`, `data`) of one `notifications/message` a running tool
+logged. Backends log only for calls whose `meta` carries `io.modelcontextprotocol/logLevel`."""
+
+InputHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+"""Answers a running tool's question to its caller: `(method, params)` of a `sampling/createMessage`
+or `elicitation/create` request → the MCP result. Raising `CallFailed` answers with its code and
+message. A call made without one tells such a tool that its caller cannot answer."""
+
+
+@dataclass(frozen=True)
+class Followers:
+    """What a caller follows of its running call besides the result: progress, log lines, questions."""
+
+    on_progress: ProgressCallback | None = None
+    on_log: LogCallback | None = None
+    on_input: InputHandler | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +191,8 @@ class ToolbusClient:
         api_key: str | SecretStr | None = None,
         meta: dict[str, Any] | None = None,
         on_progress: ProgressCallback | None = None,
+        on_log: LogCallback | None = None,
+        on_input: InputHandler | None = None,
     ) -> CallResult:
         """Call a tool and wait for its final result.
 
@@ -177,11 +201,14 @@ class ToolbusClient:
         failure is a result with `is_error` set, as in MCP. `api_key` replaces the client's key
         for this call only, so one connection can speak for many callers (the MCP gateway).
         `meta` is the request's MCP `_meta`; `on_progress` receives the `params` of each progress
-        notification the tool sends while it runs (`progress`, `total`, `message`, `progressToken`).
+        notification the tool sends while it runs (`progress`, `total`, `message`, `progressToken`),
+        `on_log` each log line it sends (see `LogCallback`), and `on_input` answers the sampling
+        and elicitation requests it makes of its caller (see `InputHandler`).
         """
         params = {"name": tool, "arguments": arguments or {}, **({"_meta": meta} if meta else {})}
         options = _Options(priority, deadline, session, api_key)
-        return await self._request("tools/call", params, options, call_id, timeout_s, raise_on_error, on_progress)
+        followers = Followers(on_progress, on_log, on_input)
+        return await self._request("tools/call", params, options, call_id, timeout_s, raise_on_error, followers)
 
     async def read_resource(
         self, uri: str, *, priority: int | None = None, deadline: datetime | int | None = None,
@@ -224,32 +251,32 @@ class ToolbusClient:
 
     async def _request(  # noqa: PLR0917  # the public methods' options, passed on as they came
         self, method: str, params: dict[str, Any], options: _Options, call_id: str | None, timeout_s: float | None,
-        raise_on_error: bool, on_progress: ProgressCallback | None = None,
+        raise_on_error: bool, followers: Followers | None = None,
     ) -> CallResult:
-        """Publish one request and wait for its final result (progress, if asked, while waiting)."""
+        """Publish one request and wait for its final result (following it, if asked, while waiting)."""
         call_id = call_id or new_call_id()
         future = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = future
-        progress = await self._follow_progress(call_id, on_progress) if on_progress else None
+        following = await self._follow(call_id, followers) if followers else []
         try:
             with tracer.start_as_current_span("toolbus.call", attributes={"toolbus.call_id": call_id}):
                 await self._publish(method, params, options, call_id, reply=True)
             result = await self._await_result(call_id, future, timeout_s or self._timeout_s)
         finally:
             self._waiting.pop(call_id, None)
-            if progress is not None:
+            for subscription in following:
                 with contextlib.suppress(Exception):
-                    await progress.unsubscribe()
+                    await subscription.unsubscribe()
         return result.raise_for_error() if raise_on_error else result
 
-    async def _follow_progress(self, call_id: str, on_progress: ProgressCallback) -> Subscription:
-        """Subscribe to the call's progress subject before the call is published, so none is missed."""
-
-        async def deliver(msg: Msg) -> None:
-            with contextlib.suppress(ValueError, AttributeError):  # a malformed notification is skipped
-                await on_progress(json.loads(msg.data)["params"])
-
-        return await self._connected().subscribe(self._subjects.progress(call_id), cb=deliver)
+    async def _follow(self, call_id: str, followers: Followers) -> list[Subscription]:
+        """Subscribe to the call's progress, log and input subjects (those asked for) before the call
+        is published, so nothing it sends is missed."""
+        nc, subjects = self._connected(), self._subjects
+        wanted = [(subjects.progress(call_id), followers.on_progress and _notifications_to(followers.on_progress)),
+                  (subjects.log(call_id), followers.on_log and _notifications_to(followers.on_log)),
+                  (subjects.input(call_id), followers.on_input and _answers_from(followers.on_input))]
+        return [await nc.subscribe(subject, cb=handler) for subject, handler in wanted if handler]
 
     async def _publish(
         self, method: str, params: dict[str, Any], options: _Options, call_id: str, reply: bool
@@ -342,3 +369,30 @@ class ToolbusClient:
         if self._nc is None:
             raise RuntimeError("ToolbusClient is not connected: use 'async with ToolbusClient(...)'")
         return self._nc
+
+
+def _notifications_to(callback: ProgressCallback | LogCallback) -> Callable[[Msg], Awaitable[None]]:
+    """A subscription handler giving each JSON-RPC notification's `params` to `callback`."""
+
+    async def deliver(msg: Msg) -> None:
+        with contextlib.suppress(ValueError, AttributeError, KeyError):  # a malformed notification is skipped
+            await callback(json.loads(msg.data)["params"])
+
+    return deliver
+
+
+def _answers_from(handler: InputHandler) -> Callable[[Msg], Awaitable[None]]:
+    """A subscription handler answering each input request of a running call with `handler`."""
+
+    async def answer(msg: Msg) -> None:
+        try:
+            request = json.loads(msg.data)
+            reply: dict[str, Any] = {"result": await handler(str(request["method"]), dict(request.get("params") or {}))}
+        except CallFailed as refused:
+            reply = {"error": {"code": refused.code, "message": refused.message}}
+        except Exception as error:  # noqa: BLE001  # the tool must get an answer, not wait out its deadline
+            log.warning("client.input_handler_failed", error=repr(error))
+            reply = {"error": {"code": INTERNAL_ERROR, "message": "the caller failed to answer"}}
+        await msg.respond(dump_json(reply))
+
+    return answer

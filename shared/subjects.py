@@ -110,6 +110,20 @@ class Subjects:
         """Core-NATS subject progress notifications of one call are forwarded to."""
         return f"{self.prefix}.progress.{call_id}"
 
+    def log(self, call_id: str) -> str:
+        """Core-NATS subject a running call's log notifications (`notifications/message`) are forwarded to."""
+        return f"{self.prefix}.log.{call_id}"
+
+    def input(self, call_id: str) -> str:
+        """Core-NATS request subject a backend's mid-call requests to the caller (sampling, elicitation)
+        are relayed on; whoever waits on the call answers."""
+        return f"{self.prefix}.input.{call_id}"
+
+    @property
+    def resource_updated(self) -> str:
+        """Core-NATS subject backends' `notifications/resources/updated` are forwarded to."""
+        return f"{self.prefix}.resource.updated"
+
     def budget(self, verb: str) -> str:
         """Core-NATS request subject of the budget accountant: reserve, settle, release, status, set, rebuild."""
         return f"{self.prefix}.budget.{verb}"

@@ -25,6 +25,7 @@ from services.executor.breaker import SharedBreaker
 from services.executor.catalog import catalog_entries, tool_spec
 from services.executor.intake import IntakeSettings, PriorityIntake
 from services.executor.ledger import CallLedger
+from services.executor.relay import CallerRelay
 from services.executor.runner import CallRunner, Worker
 from shared.budget_client import BudgetClient
 from shared.bus import connect, ensure_consumer, provision_streams
@@ -140,7 +141,9 @@ class ExecutorService:
         async def register(backend: Backend) -> None:
             await self._register_tools(registry, config, backend)
 
-        backends = {n: Backend(n, s, register) for n, s in config.servers.items() if s.pool == self._settings.pool}
+        assert self._nc is not None
+        backends = {n: Backend(n, s, register, relay=CallerRelay(self._nc, self._subjects))
+                    for n, s in config.servers.items() if s.pool == self._settings.pool}
         self.worker.backends.update(backends)
         if not backends:
             log.warning("executor.no_backends", pool=self._settings.pool)

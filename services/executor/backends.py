@@ -14,7 +14,7 @@ import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,13 +32,16 @@ from mcp_types import (
     CONNECTION_CLOSED,
     CallToolResult,
     GetPromptResult,
+    LoggingMessageNotificationParams,
     Prompt,
     ReadResourceResult,
     Resource,
     ResourceTemplate,
     Tool,
 )
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
+from services.executor.relay import CallerRelay
 from shared.config import ServerConfig
 
 log = structlog.get_logger(__name__)
@@ -68,11 +71,13 @@ class Backend:
     """A supervised, warm MCP session to one backend server."""
 
     def __init__(
-        self, name: str, config: ServerConfig, on_connected: Callable[[Backend], Awaitable[None]] | None = None
+        self, name: str, config: ServerConfig, on_connected: Callable[[Backend], Awaitable[None]] | None = None,
+        relay: CallerRelay | None = None,
     ) -> None:
         self.name = name
         self._config = config
         self._on_connected = on_connected
+        self._relay = relay  # log lines, sampling and elicitation to the caller; None: the backend sees no client
         self._client: Client | None = None
         self._connected = asyncio.Event()
         self.registered = asyncio.Event()  # set once on_connected has run for the current session
@@ -139,6 +144,12 @@ class Backend:
     async def get_prompt(self, name: str, arguments: dict[str, str], meta: dict[str, Any] | None) -> GetPromptResult:
         return await self._request(lambda client: client.get_prompt(name, arguments, meta=meta))  # type: ignore[arg-type]
 
+    @contextlib.contextmanager
+    def serving(self, call_id: str, meta: Mapping[str, Any] | None) -> Iterator[None]:
+        """Around one request for a bus call: what the backend sends the caller meanwhile is that call's."""
+        with self._relay.serving(call_id, meta) if self._relay is not None else contextlib.nullcontext():
+            yield
+
     async def _request(self, send: Callable[[Client], Awaitable[_Result]]) -> _Result:
         """One request on the warm session; a broken session raises `BackendUnavailable` and restarts."""
         client = await self.wait_connected(CONNECT_TIMEOUT_S)
@@ -176,7 +187,7 @@ class Backend:
 
     async def _run_session(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
-            client = await stack.enter_async_context(Client(await self._target(stack), cache=None))
+            client = await stack.enter_async_context(Client(await self._target(stack), cache=None, **self._peer()))
             self._client = client
             self._broken.clear()
             self._connected.set()
@@ -190,6 +201,21 @@ class Backend:
                 self.registered.clear()
                 self._connected.clear()
                 self._client = None
+
+    def _peer(self) -> dict[str, Any]:
+        """The client callbacks that relay what the backend sends a caller (with them, the session
+        declares the sampling and elicitation capabilities, so tools that need them can run)."""
+        relay = self._relay
+        if relay is None:
+            return {}
+
+        async def forward_log(params: LoggingMessageNotificationParams) -> None:
+            client = self._client
+            await relay.log(params, request_scoped=client is not None
+                            and client.protocol_version in MODERN_PROTOCOL_VERSIONS)
+
+        return {"sampling_callback": relay.sampling, "elicitation_callback": relay.elicitation,
+                "logging_callback": forward_log}
 
     async def _target(self, stack: contextlib.AsyncExitStack) -> StdioServerParameters | Transport | MCPServer:
         """What the SDK client connects to: a subprocess, an HTTP endpoint with our headers, or an app."""

@@ -213,12 +213,16 @@ class CallRunner:
         return success_response(work, result)
 
     async def _send(self, backend: Backend, work: WorkItem, meta: dict[str, Any]) -> BackendResult:
-        """The request the call asked for: a tool call (progress forwarded), a resource read or a prompt."""
-        if work.method == "resources/read":
-            return await backend.read_resource(work.tool, meta)
-        if work.method == "prompts/get":
-            return await backend.get_prompt(work.tool, {k: str(v) for k, v in work.arguments.items()}, meta)
-        return await backend.call_tool(work.tool, work.arguments, meta, self._progress_to_bus(work))
+        """The request the call asked for: a tool call (progress forwarded), a resource read or a prompt.
+
+        Log lines, sampling and elicitation the backend sends meanwhile are relayed to the call's caller.
+        """
+        with backend.serving(work.call_id, meta):
+            if work.method == "resources/read":
+                return await backend.read_resource(work.tool, meta)
+            if work.method == "prompts/get":
+                return await backend.get_prompt(work.tool, {k: str(v) for k, v in work.arguments.items()}, meta)
+            return await backend.call_tool(work.tool, work.arguments, meta, self._progress_to_bus(work))
 
     def _progress_to_bus(self, work: WorkItem) -> ProgressFnT:
         """The tool's progress notifications, forwarded to `toolbus.progress.<call_id>` under the

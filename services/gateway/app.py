@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import mcp_types as types
 import structlog
 import uvicorn
 from mcp.server.auth.settings import AuthSettings
@@ -152,7 +153,7 @@ class GatewayService:
     def mcp_server(self) -> Server[Any]:
         """The SDK's low-level server with the gateway's handlers."""
         frontend = self._frontend
-        return Server(
+        server: Server[Any] = Server(
             self.name, version=_version(),
             instructions="Every tool, prompt and resource of a toolbus mesh, used with your own API key.",
             on_list_tools=frontend.list_tools, on_call_tool=frontend.call_tool,
@@ -161,6 +162,10 @@ class GatewayService:
             on_list_resource_templates=frontend.list_resource_templates,
             on_subscriptions_listen=self._listen,
         )
+        # logging/setLevel (2025-11-25 only) is registered directly: the constructor's
+        # `on_set_logging_level` warns that the capability is deprecated at 2026-07-28.
+        server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, frontend.set_logging_level)
+        return server
 
     def asgi_app(self) -> Starlette:
         """The SDK's streamable HTTP app at `/mcp`, bearer keys checked by `ApiKeyVerifier`.

@@ -6,7 +6,8 @@ from the registry, filtered by the caller's roles with the router's own rule; ev
 key, so the router authenticates, authorizes, budgets and audits it like any producer's call.
 
 While a tool runs, its progress notifications arrive on `toolbus.progress.<call_id>` and are
-reported to the client against the client's own progress token; if the client cancels
+reported to the client against the client's own progress token; its log lines and its questions
+to the caller (sampling, elicitation) are passed on by `client_relay.py`; if the client cancels
 (`notifications/cancelled`, or its transport goes away), the SDK cancels the handler and the
 gateway publishes `toolbus.cancel.<call_id>`, so the executor stops the tool.
 """
@@ -26,6 +27,7 @@ from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
 from services.gateway.auth import caller
+from services.gateway.client_relay import LOG_LEVEL_META, ClientRelay, SessionLogLevels, with_log_level
 from services.gateway.mapping import (
     bus_result,
     gateway_error,
@@ -67,6 +69,7 @@ class McpFrontend:
         self._client = client
         self._call_timeout_s = call_timeout_s
         self._key = key  # the caller's API key: the HTTP request's bearer key, or stdio's from the environment
+        self._log_levels = SessionLogLevels()
 
     # --- listing -------------------------------------------------------------------------------
 
@@ -112,13 +115,23 @@ class McpFrontend:
     async def call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams,
                         ) -> types.CallToolResult:
         """One bus call with the caller's key; the router decides whether it may run."""
-        meta, session = _forwarded_meta(ctx), _header(ctx, Header.SESSION)
+        level = _meta_value(ctx, LOG_LEVEL_META) or self._log_levels.of(ctx)
+        meta, session = with_log_level(_forwarded_meta(ctx), level), _header(ctx, Header.SESSION)
+        relay = ClientRelay(ctx, level)
 
         async def report(progress: dict[str, Any]) -> None:
             await ctx.session.report_progress(progress["progress"], progress.get("total"), progress.get("message"))
 
         return await self._over_bus(ctx, params.name, types.CallToolResult, lambda hop: self._client().call(
-            params.name, params.arguments or {}, session=session, meta=meta, on_progress=report, **hop.options()))
+            params.name, params.arguments or {}, session=session, meta=meta, on_progress=report,
+            on_log=relay.log if level else None, on_input=relay.ask if relay.can_answer else None, **hop.options()))
+
+    async def set_logging_level(self, ctx: ServerRequestContext[Any], params: types.SetLevelRequestParams,
+                                ) -> types.EmptyResult:
+        """`logging/setLevel` (2025-11-25): the session's later calls bring their log lines at that level."""
+        self._caller()  # an unknown key is refused here too
+        self._log_levels.set(ctx, params.level)
+        return types.EmptyResult()
 
     async def get_prompt(self, ctx: ServerRequestContext[Any], params: types.GetPromptRequestParams,
                          ) -> types.GetPromptResult:

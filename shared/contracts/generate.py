@@ -273,6 +273,46 @@ def _progress(s: Subjects) -> ChannelSpec:
     )
 
 
+def _log(s: Subjects) -> ChannelSpec:
+    return ChannelSpec(
+        key="log", address=s.log(_slot("call_id")), message="LogNotification",
+        summary="Core-NATS log notifications of one running call, for callers that asked for them.",
+        payload={"description": "An MCP `notifications/message` JSON-RPC notification as the backend sent it: "
+                 "`{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{\"level\":…,"
+                 "\"logger\":…,\"data\":…}}`. Sent only for calls whose `_meta` carries "
+                 "`io.modelcontextprotocol/logLevel`."},
+        content_type=CONTENT_JSON, parameters={"call_id": _param("The call id the log lines belong to.")},
+        action="receive", operation="The executor running the call forwards the backend's log lines; the "
+        "producer (or the gateway) subscribes.",
+    )
+
+
+def _input(s: Subjects) -> ChannelSpec:
+    return ChannelSpec(
+        key="input", address=s.input(_slot("call_id")), message="InputRequest",
+        summary="Core-NATS request-reply: a backend asks the caller of a running call for input.",
+        payload={"description": "`{\"method\":\"sampling/createMessage\"|\"elicitation/create\",\"params\":"
+                 "{…}}` with the MCP request's params as the backend sent them. Reply: `{\"result\":{…}}` (the "
+                 "MCP result) or `{\"error\":{\"code\":…,\"message\":…}}`. No responder means the caller "
+                 "cannot answer, and the backend gets an error."},
+        content_type=CONTENT_JSON, parameters={"call_id": _param("The call id the request belongs to.")},
+        action="send", operation="The executor running the call asks; the producer that waits on it "
+        "(`ToolbusClient.call(on_input=…)`, the gateway for an MCP client) answers.",
+    )
+
+
+def _resource_updated(s: Subjects) -> ChannelSpec:
+    return ChannelSpec(
+        key="resource_updated", address=s.resource_updated, message="ResourceUpdated",
+        summary="Core-NATS: a backend said one of its listed resources changed.",
+        payload={"description": "`{\"server\":…,\"uri\":…}`: the backend server's name and the resource's "
+                 "URI, from its `notifications/resources/updated`."},
+        content_type=CONTENT_JSON, action="receive",
+        operation="Executors watch their backends' listed resources and publish each update; the gateway "
+        "tells the MCP clients subscribed to that URI.",
+    )
+
+
 def _mesh(s: Subjects) -> ChannelSpec:
     return ChannelSpec(
         key="mesh", address=s.mesh(_slot("verb")), message="ScaleRequest",
@@ -322,7 +362,8 @@ def _ctx(s: Subjects) -> ChannelSpec:
 
 
 CHANNELS: tuple[Callable[[Subjects], ChannelSpec], ...] = (
-    _call, _result, _work, _event, _dlq, _audit, _audit_checkpoint, _cancel, _progress, _mesh, _budget, _ctx,
+    _call, _result, _work, _event, _dlq, _audit, _audit_checkpoint, _cancel, _progress, _log, _input,
+    _resource_updated, _mesh, _budget, _ctx,
 )
 
 
