@@ -37,6 +37,7 @@ from mcp_types import (
     ErrorData,
     LoggingMessageNotificationParams,
 )
+from mcp_types import LOG_LEVEL_META_KEY as LOG_LEVEL_META  # "io.modelcontextprotocol/logLevel", the 2026 opt-in
 from nats.aio.client import Client as NatsClient
 from nats.errors import NoRespondersError
 from pydantic import BaseModel, ValidationError
@@ -46,7 +47,6 @@ from shared.subjects import Subjects
 
 log = structlog.get_logger(__name__)
 
-LOG_LEVEL_META = "io.modelcontextprotocol/logLevel"  # the 2026-07-28 per-request log opt-in
 INPUT_TIMEOUT_S = 3600.0  # a person may take a while to answer; the call's own deadline cancels sooner
 
 SERVING: ContextVar[str | None] = ContextVar("toolbus_serving_call", default=None)

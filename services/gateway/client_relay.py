@@ -25,11 +25,11 @@ import mcp_types as types
 from mcp.server.context import ServerRequestContext
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
+from mcp_types import LOG_LEVEL_META_KEY as LOG_LEVEL_META  # "io.modelcontextprotocol/logLevel"
 from pydantic import BaseModel, ValidationError
 
 from shared.errors import CallFailed
 
-LOG_LEVEL_META = "io.modelcontextprotocol/logLevel"
 LOG_LEVELS: tuple[types.LoggingLevel, ...] = (
     "debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 SESSION_HEADER = "mcp-session-id"

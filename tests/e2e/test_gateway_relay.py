@@ -24,6 +24,7 @@ from mcp import Client, ClientSession
 from mcp.client.context import ClientRequestContext
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
+from mcp_types import LOG_LEVEL_META_KEY
 
 from services.gateway.app import GatewayService, GatewaySettings
 from shared.client import ToolbusClient
@@ -41,7 +42,6 @@ PREFIX = f"gwr{uuid.uuid4().hex[:8]}"
 FIXTURE = "services.conformance_backend.server:app"
 BACKENDS = ["inproc", "piped"]
 LOG_LINES = ["Tool execution started", "Tool processing data", "Tool execution completed"]
-LOG_LEVEL_META = "io.modelcontextprotocol/logLevel"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -210,7 +210,7 @@ async def test_a_bus_caller_answers_questions_and_follows_log_lines(nats_server:
 
     async with ToolbusClient(nats_server.url, ADMIN_KEY, prefix=PREFIX) as client:
         sampled = await client.call("piped__test_sampling", {"prompt": "hi"}, on_input=answer)
-        logging = await client.call("piped__test_tool_with_logging", meta={LOG_LEVEL_META: "info"}, on_log=on_log)
+        logging = await client.call("piped__test_tool_with_logging", meta={LOG_LEVEL_META_KEY: "info"}, on_log=on_log)
         unanswered = await client.call("piped__test_sampling", {"prompt": "hi"}, raise_on_error=False)
     assert sampled.text == "LLM response: from the bus"
     assert [method for method, _ in asked] == ["sampling/createMessage"]
