@@ -27,7 +27,7 @@ from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
 from services.gateway.auth import caller
-from services.gateway.client_relay import LOG_LEVEL_META, ClientRelay, SessionLogLevels, with_log_level
+from services.gateway.client_relay import ClientRelay, SessionLogLevels, with_log_level
 from services.gateway.mapping import (
     bus_result,
     gateway_error,
@@ -115,7 +115,7 @@ class McpFrontend:
     async def call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams,
                         ) -> types.CallToolResult:
         """One bus call with the caller's key; the router decides whether it may run."""
-        level = _meta_value(ctx, LOG_LEVEL_META) or self._log_levels.of(ctx)
+        level = _meta_value(ctx, types.LOG_LEVEL_META_KEY) or self._log_levels.of(ctx)
         meta, session = with_log_level(_forwarded_meta(ctx), level), _header(ctx, Header.SESSION)
         relay = ClientRelay(ctx, level)
 

@@ -16,12 +16,12 @@ import mcp_types as types
 import pytest
 from nats.errors import NoRespondersError
 
-from services.executor.relay import LOG_LEVEL_META, CallerRelay
+from services.executor.relay import CallerRelay
 from shared.subjects import Subjects
 
 pytestmark = pytest.mark.unit
 
-OPTED_IN = {LOG_LEVEL_META: "debug"}
+OPTED_IN = {types.LOG_LEVEL_META_KEY: "debug"}
 LINE = types.LoggingMessageNotificationParams(level="info", data="working", logger="tool")
 
 
