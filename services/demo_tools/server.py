@@ -24,7 +24,7 @@ from mcp_types import CallToolResult, TextContent
 
 app = MCPServer(
     "toolbus-demo",
-    instructions="Demo tools for toolbus: echo, sleep_ms, fail, flaky, summarize, progress, pid, crash; "
+    instructions="Demo tools for toolbus: echo, sleep_ms, fail, flaky, summarize, progress, note, pid, crash; "
     "a review prompt and demo:// resources.",
     log_level="WARNING",
 )
@@ -34,6 +34,8 @@ RECORD_ENV = "TOOLBUS_DEMO_RECORD"
 BROKEN_ENV = "TOOLBUS_DEMO_BROKEN_FILE"
 CALL_ID_META = "io.toolbus/call_id"
 MAX_TOKENS_META = "io.toolbus/max_tokens"  # the tokens the caller's budget hold pays for
+NOTES_URI = "demo://notes"
+NOTES: list[str] = []  # what `note` appended, served as the `demo://notes` resource
 
 
 def record(tool: str, ctx: Context | None) -> None:
@@ -118,6 +120,16 @@ async def progress(steps: int = 3, delay_ms: int = 50, ctx: Context | None = Non
 
 
 @app.tool()
+async def note(text: str, ctx: Context | None = None) -> str:
+    """Append `text` to the `demo://notes` resource, which tells its subscribers it changed."""
+    record("note", ctx)
+    NOTES.append(text)
+    if ctx is not None:
+        await ctx.notify_resource_updated(NOTES_URI)
+    return f"{len(NOTES)} notes"
+
+
+@app.tool()
 def pid() -> int:
     """The server process id (tests use it to kill the backend)."""
     return os.getpid()
@@ -143,6 +155,13 @@ def review(code: str, language: str = "python") -> str:
 def readme() -> str:
     """What the demo server is for."""
     return "# toolbus demo\n\nTools, a prompt and resources for trying toolbus end to end.\n"
+
+
+@app.resource(NOTES_URI, title="Notes left with the note tool", mime_type="text/plain")
+def notes() -> str:
+    """Every note left with the `note` tool, one a line: a resource that changes, for subscriptions.
+    Each server process keeps its own notes (a pool's workers each run one)."""
+    return "\n".join(NOTES)
 
 
 @app.resource("demo://echo/{text}", mime_type="text/plain")

@@ -27,6 +27,7 @@ from services.executor.intake import IntakeSettings, PriorityIntake
 from services.executor.ledger import CallLedger
 from services.executor.relay import CallerRelay
 from services.executor.runner import CallRunner, Worker
+from services.executor.watch import UpdatePublisher
 from shared.budget_client import BudgetClient
 from shared.bus import connect, ensure_consumer, provision_streams
 from shared.codec import unpack
@@ -142,7 +143,8 @@ class ExecutorService:
             await self._register_tools(registry, config, backend)
 
         assert self._nc is not None
-        backends = {n: Backend(n, s, register, relay=CallerRelay(self._nc, self._subjects))
+        updates = UpdatePublisher(self._nc, self._subjects)  # listed resources' updates, for the gateway
+        backends = {n: Backend(n, s, register, relay=CallerRelay(self._nc, self._subjects), resource_updates=updates)
                     for n, s in config.servers.items() if s.pool == self._settings.pool}
         self.worker.backends.update(backends)
         if not backends:

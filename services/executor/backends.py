@@ -42,6 +42,7 @@ from mcp_types import (
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from services.executor.relay import CallerRelay
+from services.executor.watch import ResourceWatch, UpdateSink
 from shared.config import ServerConfig
 
 log = structlog.get_logger(__name__)
@@ -72,12 +73,14 @@ class Backend:
 
     def __init__(
         self, name: str, config: ServerConfig, on_connected: Callable[[Backend], Awaitable[None]] | None = None,
-        relay: CallerRelay | None = None,
+        relay: CallerRelay | None = None, resource_updates: UpdateSink | None = None,
     ) -> None:
         self.name = name
         self._config = config
         self._on_connected = on_connected
         self._relay = relay  # log lines, sampling and elicitation to the caller; None: the backend sees no client
+        # each live session's listed resources are watched, their updates go to `resource_updates`
+        self._watch = ResourceWatch(name, resource_updates) if resource_updates is not None else None
         self._client: Client | None = None
         self._connected = asyncio.Event()
         self.registered = asyncio.Event()  # set once on_connected has run for the current session
@@ -195,26 +198,35 @@ class Backend:
             if self._on_connected is not None:
                 await self._on_connected(self)
             self.registered.set()
+            if self._watch is not None:
+                self._watch.start(client, self._listed_uris)
             try:
                 await self._broken.wait()
             finally:
+                if self._watch is not None:
+                    await self._watch.stop()
                 self.registered.clear()
                 self._connected.clear()
                 self._client = None
 
+    async def _listed_uris(self) -> list[str]:
+        return [str(resource.uri) for resource in (await self.catalog()).resources]
+
     def _peer(self) -> dict[str, Any]:
         """The client callbacks that relay what the backend sends a caller (with them, the session
-        declares the sampling and elicitation capabilities, so tools that need them can run)."""
+        declares the sampling and elicitation capabilities, so tools that need them can run), and
+        the message handler a 2025-era session's resource updates arrive through."""
+        watch: dict[str, Any] = {"message_handler": self._watch.on_message} if self._watch is not None else {}
         relay = self._relay
         if relay is None:
-            return {}
+            return watch
 
         async def forward_log(params: LoggingMessageNotificationParams) -> None:
             client = self._client
             await relay.log(params, request_scoped=client is not None
                             and client.protocol_version in MODERN_PROTOCOL_VERSIONS)
 
-        return {"sampling_callback": relay.sampling, "elicitation_callback": relay.elicitation,
+        return {**watch, "sampling_callback": relay.sampling, "elicitation_callback": relay.elicitation,
                 "logging_callback": forward_log}
 
     async def _target(self, stack: contextlib.AsyncExitStack) -> StdioServerParameters | Transport | MCPServer:

@@ -4,7 +4,8 @@ Wiring only: a NATS connection for the registry (config, tools, prompts, resourc
 current with a KV watch), a `ToolbusClient` for bus requests, the MCP SDK's low-level `Server`
 with the handlers of `frontend.py`, and uvicorn serving the SDK's streamable HTTP app (or the
 SDK's stdio loop). The mapping between bus and MCP shapes is `mapping.py`; who the caller is,
-`auth.py`. A registry change is announced to listening clients as `notifications/*/list_changed`.
+`auth.py`. A registry change is announced to listening clients as `notifications/*/list_changed`;
+a backend's resource update, to the clients watching it (`subscriptions.py`).
 
 The SDK does the HTTP side: bearer auth (401 with `WWW-Authenticate` before any MCP work),
 Host/Origin checks against DNS rebinding (on for loopback binds), the request size limit.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -38,6 +39,7 @@ from starlette.applications import Starlette
 
 from services.gateway.auth import ApiKeyVerifier, bearer_key, caller
 from services.gateway.frontend import McpFrontend, MeshView
+from services.gateway.subscriptions import ResourceWatchers
 from shared.bus import connect
 from shared.catalog import CatalogIndex
 from shared.client import ToolbusClient
@@ -46,7 +48,7 @@ from shared.contracts import CatalogEntry, CatalogKind, ToolSpec
 from shared.policy import index_principals
 from shared.registry import Registry, RegistryWatch, tool_named_by
 from shared.service import BackgroundTasks
-from shared.subjects import DEFAULT_PREFIX
+from shared.subjects import DEFAULT_PREFIX, Subjects
 
 log = structlog.get_logger(__name__)
 
@@ -88,8 +90,10 @@ class GatewayService:
         self._client: ToolbusClient | None = None
         self._view = MeshView()
         self._frontend = McpFrontend(self._view, self._bus_client, settings.call_timeout_s, key=bearer_key)
-        self._changes = InMemorySubscriptionBus()  # list_changed events for `subscriptions/listen` streams
+        self._changes = InMemorySubscriptionBus()  # list_changed and resource updates for `subscriptions/listen`
         self._listen = ListenHandler(self._changes)
+        self._key: Callable[[], str] = bearer_key  # the caller's API key: the HTTP request's, or stdio's one key
+        self._watchers = ResourceWatchers(self._view, self._changes, self._listen, key=self._caller_key)
         self._http: _ServerWithoutSignals | None = None
         self._serving: asyncio.Task[None] | None = None
         self._tasks = BackgroundTasks()
@@ -105,6 +109,11 @@ class GatewayService:
         host, port = self._http.servers[0].sockets[0].getsockname()[:2]
         return f"http://{host}:{port}{MCP_PATH}"
 
+    @property
+    def watching_connections(self) -> int:
+        """Client connections with resource subscriptions (2025-11-25 `resources/subscribe`)."""
+        return self._watchers.connections
+
     async def start(self) -> None:
         """Connect to the mesh, then listen for MCP clients over HTTP."""
         await self.connect()
@@ -116,6 +125,7 @@ class GatewayService:
         closes stdin, every request made with `api_key` (an unknown key is refused at once)."""
         await self.connect()
         caller(api_key, self._view.principals)  # raises Unauthenticated before the client waits on us
+        self._key = lambda: api_key
         self._frontend = McpFrontend(self._view, self._bus_client, self._settings.call_timeout_s, key=lambda: api_key)
         server = self.mcp_server()
         async with stdio_server() as (read, write):
@@ -130,6 +140,7 @@ class GatewayService:
         self._view.catalog = CatalogIndex.of(await registry.catalog())
         self._tasks.spawn(registry.watch(RegistryWatch(
             self._on_config, self._on_tool, on_entry=self._on_entry, on_removed=self._on_removed)))
+        await self._watchers.open(self._nc, Subjects(self._settings.prefix))
         # The gateway has no key of its own: every call carries its caller's key (`api_key=`).
         self._client = ToolbusClient(self._settings.nats_url, "", prefix=self._settings.prefix,
                                      timeout_s=self._settings.call_timeout_s, name=f"{self._settings.instance}-calls")
@@ -142,6 +153,7 @@ class GatewayService:
             self._http.should_exit = True
             await asyncio.wait({self._serving}, timeout=2 * STOP_TASKS_S)  # uvicorn's graceful shutdown is bounded
         await self._tasks.stop(STOP_TASKS_S)
+        await self._watchers.close()
         if self._client is not None:
             await self._client.close()
         if self._nc is not None:
@@ -160,7 +172,8 @@ class GatewayService:
             on_list_prompts=frontend.list_prompts, on_get_prompt=frontend.get_prompt,
             on_list_resources=frontend.list_resources, on_read_resource=frontend.read_resource,
             on_list_resource_templates=frontend.list_resource_templates,
-            on_subscriptions_listen=self._listen,
+            on_subscribe_resource=self._watchers.subscribe, on_unsubscribe_resource=self._watchers.unsubscribe,
+            on_subscriptions_listen=self._watchers.listen,  # the ListenHandler, resource URIs narrowed per caller
         )
         # logging/setLevel (2025-11-25 only) is registered directly: the constructor's
         # `on_set_logging_level` warns that the capability is deprecated at 2026-07-28.
@@ -181,6 +194,9 @@ class GatewayService:
             auth=AuthSettings(issuer_url=base, resource_server_url=None),
             max_request_body_size=self._settings.max_request_body_bytes,
         )
+
+    def _caller_key(self) -> str:
+        return self._key()  # late: `serve_stdio` replaces the key source after construction
 
     def _bus_client(self) -> ToolbusClient:
         assert self._client is not None, "not connected"
