@@ -22,6 +22,7 @@ from services.audit.app import AuditService, AuditSettings
 from services.budget.app import BudgetService, BudgetSettings
 from services.context.app import ContextService, ContextSettings
 from services.executor.app import ExecutorService, ExecutorSettings
+from services.gateway.app import GatewayService, GatewaySettings
 from services.router.app import RouterService, RouterSettings
 from shared.audit.notes import VerifierKey
 from shared.audit.reader import read_log
@@ -36,11 +37,12 @@ T = TypeVar("T")
 
 class InProcessMesh:
     """Budget accountant + router + one executor per served pool (+ the audit writer when given a
-    log key, + the context store when asked), as asyncio tasks of the test's event loop (the
-    accountant only when the config has accounting on)."""
+    log key, + the context store and the MCP gateway when asked), as asyncio tasks of the test's
+    event loop (the accountant only when the config has accounting on). The gateway listens on a
+    free port: `mesh.gateway.url`."""
 
     def __init__(self, nats_url: str, config: Config, redis_url: str, workers: int = 1,
-                 audit_key: Path | None = None, context: bool = False) -> None:
+                 audit_key: Path | None = None, context: bool = False, gateway: bool = False) -> None:
         self.nats_url = nats_url
         self.redis_url = redis_url
         self.config = config
@@ -52,6 +54,8 @@ class InProcessMesh:
             if audit_key is not None else None
         self.context = ContextService(ContextSettings(nats_url, config.prefix, "context-test", redis_url)) \
             if context else None
+        self._gateway = GatewayService(GatewaySettings(nats_url, config.prefix, "gateway-test", port=0)) \
+            if gateway else None
         pools = sorted({server.pool for server in config.servers.values()})
         self.executors = [
             ExecutorService(ExecutorSettings(nats_url, pool, config.prefix, f"executor-{pool}-{n}", redis_url))
@@ -68,9 +72,18 @@ class InProcessMesh:
             await self.context.start()
         await asyncio.gather(*(executor.start() for executor in self.executors))
         await self.router.start()
+        if self._gateway is not None:
+            await self._gateway.start()
         return self
 
+    @property
+    def gateway(self) -> GatewayService:
+        assert self._gateway is not None, "InProcessMesh(..., gateway=True) runs one"
+        return self._gateway
+
     async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        if self._gateway is not None:
+            await self._gateway.stop()
         await self.router.stop()
         await asyncio.gather(*(executor.stop() for executor in self.executors))
         if self.budget is not None:

@@ -84,13 +84,8 @@ async def running(git_repo: Path, nats_server: NatsServer, redis_server: RedisSe
     roles = base.model_dump(mode="json")["roles"]
     roles["analyst"]["deny"] = ["demo__crash", "demo__readme"]
     config = make_config(git_repo, prefix=PREFIX, servers=servers, roles=roles)
-    async with InProcessMesh(nats_server.url, config, redis_server.url) as mesh:
-        gateway = GatewayService(GatewaySettings(nats_server.url, PREFIX, "gateway-test", port=0))
-        await gateway.start()
-        try:
-            yield GatewayMesh(mesh, gateway, await registered_tools(nats_server.url))
-        finally:
-            await gateway.stop()
+    async with InProcessMesh(nats_server.url, config, redis_server.url, gateway=True) as mesh:
+        yield GatewayMesh(mesh, mesh.gateway, await registered_tools(nats_server.url))
 
 
 async def registered_tools(nats_url: str) -> dict[str, ToolSpec]:

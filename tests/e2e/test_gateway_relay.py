@@ -26,7 +26,6 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import LOG_LEVEL_META_KEY
 
-from services.gateway.app import GatewayService, GatewaySettings
 from shared.client import ToolbusClient
 from shared.embedded import NatsServer, RedisServer
 from tests.conftest import ADMIN_KEY, make_config
@@ -53,13 +52,8 @@ async def gateway_url(git_repo: Path, nats_server: NatsServer, redis_server: Red
         "piped": {"command": sys.executable, "args": ["-c", f"from {module} import {name}; {name}.run()"]},
     }
     config = make_config(git_repo, prefix=PREFIX, servers=servers)
-    async with InProcessMesh(nats_server.url, config, redis_server.url):
-        gateway = GatewayService(GatewaySettings(nats_server.url, PREFIX, "gateway-relay-test", port=0))
-        await gateway.start()
-        try:
-            yield gateway.url
-        finally:
-            await gateway.stop()
+    async with InProcessMesh(nats_server.url, config, redis_server.url, gateway=True) as mesh:
+        yield mesh.gateway.url
 
 
 @contextlib.asynccontextmanager

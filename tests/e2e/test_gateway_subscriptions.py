@@ -26,7 +26,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.subscriptions import ResourceUpdated
 
 from services.demo_tools.server import NOTES_URI
-from services.gateway.app import GatewayService, GatewaySettings
+from services.gateway.app import GatewayService
 from shared.embedded import NatsServer, RedisServer
 from tests.conftest import ADMIN_KEY, ALICE_KEY, make_config
 from tests.e2e.test_gateway import mcp_client
@@ -48,13 +48,8 @@ async def gateway(git_repo: Path, nats_server: NatsServer, redis_server: RedisSe
     roles = make_config(git_repo).model_dump(mode="json")["roles"]
     roles["analyst"]["deny"] = ["demo__crash", "demo__readme"]
     config = make_config(git_repo, prefix=PREFIX, roles=roles)
-    async with InProcessMesh(nats_server.url, config, redis_server.url):
-        gateway = GatewayService(GatewaySettings(nats_server.url, PREFIX, "gateway-subscriptions-test", port=0))
-        await gateway.start()
-        try:
-            yield gateway
-        finally:
-            await gateway.stop()
+    async with InProcessMesh(nats_server.url, config, redis_server.url, gateway=True) as mesh:
+        yield mesh.gateway
 
 
 @pytest.fixture
