@@ -19,7 +19,7 @@ import json
 import struct
 import wave
 import zlib
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, Elicit, ElicitationResult, MCPServer, Resolve, Sample, UserMessage
@@ -48,17 +48,8 @@ app = MCPServer(
 )
 
 WATCHED_URI = "test://watched-resource"
-# Severity order of MCP log levels (RFC 5424 names), lowest first.
-LOG_LEVELS: tuple[LoggingLevel, ...] = (
-    "debug",
-    "info",
-    "notice",
-    "warning",
-    "error",
-    "critical",
-    "alert",
-    "emergency",
-)
+# Severity order of MCP log levels (RFC 5424 names), lowest first: the order the SDK's type lists them in.
+LOG_LEVELS: tuple[LoggingLevel, ...] = get_args(LoggingLevel)
 
 
 def png_1x1_red() -> bytes:

@@ -210,7 +210,10 @@ class Backend:
                 self._client = None
 
     async def _listed_uris(self) -> list[str]:
-        return [str(resource.uri) for resource in (await self.catalog()).resources]
+        """The resources to watch: one listing of resources only (`catalog()` would also list prompts and templates)."""
+        client = await self.wait_connected(CONNECT_TIMEOUT_S)
+        resources = await _all_pages(lambda cursor: client.list_resources(cursor=cursor), "resources")
+        return [str(resource.uri) for resource in resources]
 
     def _peer(self) -> dict[str, Any]:
         """The client callbacks that relay what the backend sends a caller (with them, the session

@@ -19,7 +19,7 @@ an error saying so rather than a hang.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
@@ -30,8 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from shared.errors import CallFailed
 
-LOG_LEVELS: tuple[types.LoggingLevel, ...] = (
-    "debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+LOG_LEVELS: tuple[types.LoggingLevel, ...] = get_args(types.LoggingLevel)  # in severity order, lowest first
 SESSION_HEADER = "mcp-session-id"
 STDIO_SESSION = ""  # the one session a stdio gateway serves
 MAX_SESSIONS = 10_000  # log levels remembered (oldest forgotten first: a forgotten session just stops getting logs)
